@@ -1,0 +1,222 @@
+"""Math on a slice of codebooks: lookup, EMA statistics, key derivation, dead-pair reset.
+
+Pure tensor functions. Nothing here knows about torch.distributed: where a statistic must be
+summed over other processes, the caller passes `reduce_sum` (identity for a world of one).
+
+Shape legend: c codebooks in the slice, i queries, j key-value pairs per codebook,
+k key dimension, v value dimension, t pairs fetched per query (top-k).
+
+Randomness (Gumbel noise, replacement samples, k-means seeds) is counter based: a pure
+function of (seed, step, codebook id, query id, pair). Any split of codebooks or queries
+over processes therefore draws exactly the numbers one process would draw.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+# Scores for at most this many (codebook, query, pair) triples exist at once: 16 MiB in fp32.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def no_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers (splitmix64 on int64 with wrap-around arithmetic).
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+# Odd multipliers that spread each counter over the 64-bit word before mixing.
+_STRIDES = [_signed64(s) for s in (0xD6E8FEB86659FD93, 0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3)]
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; mask to make it logical.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shift_right(x, 30)
+    x = x * _MIX1
+    x = x ^ _shift_right(x, 27)
+    x = x * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def counter_hash(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
+    """64-bit hash of (seed, counters...); counters broadcast against each other."""
+    assert len(counters) <= len(_STRIDES)
+    x = _mix64(seed.to(torch.int64) + _GOLDEN)
+    for stride, counter in zip(_STRIDES, counters):
+        x = _mix64(x + counter.to(torch.int64) * stride)
+    return x
+
+
+def counter_uniform(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
+    """Uniform floats in (0, 1), 24 random bits each."""
+    top = _shift_right(counter_hash(seed, *counters), 40)
+    return (top.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def counter_randint(seed: torch.Tensor, high: int, *counters: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, high); the modulo bias is below 2**-40 for any realistic high."""
+    return _shift_right(counter_hash(seed, *counters), 1) % high
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup
+
+
+def _chunk_sizes(num_codebooks: int, num_queries: int, num_pairs: int, chunk_elements: int):
+    queries_per_chunk = max(1, min(num_queries, chunk_elements // max(num_pairs, 1)))
+    codebooks_per_chunk = max(1, min(num_codebooks, chunk_elements // (queries_per_chunk * max(num_pairs, 1))))
+    return codebooks_per_chunk, queries_per_chunk
+
+
+def nearest_keys(
+    queries_cik: torch.Tensor,
+    keys_cjk: torch.Tensor,
+    *,
+    topk: int = 1,
+    temperature: float = 0.0,
+    excluded_cj: Optional[torch.Tensor] = None,
+    noise_seed: Optional[torch.Tensor] = None,
+    codebook_ids: Optional[torch.Tensor] = None,
+    query_ids: Optional[torch.Tensor] = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+):
+    """Indices [c, i, t] of the t best keys per query and their scores -||query - key||^2.
+
+    Works in chunks so that [c, i, j] never exists for the whole batch. With temperature > 0
+    the choice is Gumbel-max sampling on scores / temperature; the noise for (codebook,
+    query, pair) comes from `counter_uniform(noise_seed, codebook_ids, query_ids, pair)`.
+    Excluded pairs are never fetched.
+    """
+    num_codebooks, num_queries, _ = queries_cik.shape
+    num_pairs = keys_cjk.shape[1]
+    device = queries_cik.device
+    indices = torch.empty(num_codebooks, num_queries, topk, dtype=torch.long, device=device)
+    scores = torch.empty(num_codebooks, num_queries, topk, dtype=torch.float32, device=device)
+    if num_queries == 0 or num_codebooks == 0:
+        return indices, scores
+    if temperature > 0:
+        assert noise_seed is not None and codebook_ids is not None and query_ids is not None
+        pair_ids = torch.arange(num_pairs, device=device)
+
+    key_sq_cj = keys_cjk.pow(2).sum(-1)
+    keys_ckj = keys_cjk.transpose(1, 2)
+    cb, qb = _chunk_sizes(num_codebooks, num_queries, num_pairs, chunk_elements)
+    for c0 in range(0, num_codebooks, cb):
+        c1 = min(c0 + cb, num_codebooks)
+        for i0 in range(0, num_queries, qb):
+            i1 = min(i0 + qb, num_queries)
+            q = queries_cik[c0:c1, i0:i1]
+            # 2 q.key - |key|^2: the query's own |q|^2 does not change the ranking.
+            partial = torch.baddbmm(key_sq_cj[c0:c1, None, :], q, keys_ckj[c0:c1], beta=-1, alpha=2)
+            if excluded_cj is not None:
+                partial.masked_fill_(excluded_cj[c0:c1, None, :], float("-inf"))
+            ranking = partial
+            if temperature > 0:
+                uniform = counter_uniform(
+                    noise_seed, codebook_ids[c0:c1, None, None], query_ids[None, i0:i1, None], pair_ids
+                )
+                ranking = partial / temperature - torch.log(-torch.log(uniform))
+            if topk == 1:
+                chosen = ranking.argmax(dim=-1, keepdim=True)
+            else:
+                chosen = ranking.topk(topk, dim=-1).indices
+            indices[c0:c1, i0:i1] = chosen
+            scores[c0:c1, i0:i1] = partial.gather(-1, chosen) - q.pow(2).sum(-1, keepdim=True)
+    return indices, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and EMA
+
+
+def pair_counts(indices_cit: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """counts[c, j]: how many times pair j of codebook c appears in indices."""
+    num_codebooks = indices_cit.shape[0]
+    offsets = torch.arange(num_codebooks, device=indices_cit.device)[:, None] * num_pairs
+    flat = (indices_cit.reshape(num_codebooks, -1) + offsets).reshape(-1)
+    counts = torch.bincount(flat, minlength=num_codebooks * num_pairs)
+    return counts.view(num_codebooks, num_pairs).to(torch.float32)
+
+
+def assignment_statistics(queries_cik: torch.Tensor, indices_ci: torch.Tensor, num_pairs: int):
+    """Per-pair counts [c, j] and sums of the assigned queries [c, j, k] (no one-hot matrices)."""
+    num_codebooks, _, dim = queries_cik.shape
+    offsets = torch.arange(num_codebooks, device=queries_cik.device)[:, None] * num_pairs
+    flat = (indices_ci + offsets).reshape(-1)
+    sums = torch.zeros(num_codebooks * num_pairs, dim, dtype=torch.float32, device=queries_cik.device)
+    sums.index_add_(0, flat, queries_cik.reshape(-1, dim))
+    return pair_counts(indices_ci, num_pairs), sums.view(num_codebooks, num_pairs, dim)
+
+
+def smoothed_cluster_size(cluster_size_cj: torch.Tensor, eps: float) -> torch.Tensor:
+    """Laplace-smoothed cluster sizes, rescaled to the total: never zero, sums to the total."""
+    num_pairs = cluster_size_cj.shape[-1]
+    total = cluster_size_cj.sum(-1, keepdim=True)
+    return (cluster_size_cj + eps) / (total + num_pairs * eps) * total
+
+
+def ema_update_(
+    keys_cjk: torch.Tensor,
+    keys_avg_cjk: torch.Tensor,
+    cluster_size_cj: torch.Tensor,
+    counts_cj: torch.Tensor,
+    sums_cjk: torch.Tensor,
+    decay: float,
+    eps: float,
+) -> None:
+    """cluster_size <- EMA(counts), keys_avg <- EMA(sums), keys = keys_avg / smoothed(cluster_size)."""
+    cluster_size_cj.mul_(decay).add_(counts_cj, alpha=1 - decay)
+    keys_avg_cjk.mul_(decay).add_(sums_cjk, alpha=1 - decay)
+    keys_cjk.copy_(keys_avg_cjk / smoothed_cluster_size(cluster_size_cj, eps)[..., None])
+
+
+def reset_pairs_(
+    keys_cjk: torch.Tensor,
+    keys_avg_cjk: torch.Tensor,
+    cluster_size_cj: torch.Tensor,
+    mask_cj: torch.Tensor,
+    new_keys_nk: torch.Tensor,
+    cluster_size_value: float,
+) -> None:
+    """Give the masked pairs new keys and EMA state that derives those keys again.
+
+    The pair restarts as if `cluster_size_value` queries equal to its new key had chosen it,
+    so the next EMA step starts from the new key instead of pulling back to the dead one.
+    """
+    keys_cjk[mask_cj] = new_keys_nk
+    cluster_size_cj[mask_cj] = cluster_size_value
+    keys_avg_cjk[mask_cj] = new_keys_nk * cluster_size_value
+
+
+def rows_by_query_id(
+    queries_cik: torch.Tensor, first_query_id: int, codebook_index_n: torch.Tensor, query_id_n: torch.Tensor
+) -> torch.Tensor:
+    """Rows [n, k] picked by (codebook, global query id); zero where this slice does not hold the id.
+
+    Queries held here carry the ids first_query_id .. first_query_id + i - 1. Summing the result
+    over all holders (the caller's reduce_sum) yields the wanted rows exactly.
+    """
+    num_queries = queries_cik.shape[1]
+    local = query_id_n - first_query_id
+    held = (local >= 0) & (local < num_queries)
+    rows = queries_cik[codebook_index_n, local.clamp(0, max(num_queries - 1, 0))] if num_queries else (
+        queries_cik.new_zeros(codebook_index_n.shape[0], queries_cik.shape[2])
+    )
+    return rows * held[:, None].to(rows.dtype)

@@ -1,0 +1,421 @@
+"""The key-value bottleneck module, compatible with the original research code.
+
+Names, arguments, defaults, buffers and outputs follow the original `KeyValueBottleneck` so that
+user code and checkpoints carry over. The math lives in `kvb_dist.codebook`; this module holds
+the state and works on a contiguous slice of codebooks (all of them here), which is what lets
+`kvb_dist.sharded` reuse it for the codebooks one rank owns.
+
+Shape legend: b batch, c codebooks, n positions (spatial dims flattened), i = b * n queries,
+j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per query.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvb_dist.codebook import (
+    DEFAULT_CHUNK_ELEMENTS,
+    Reduce,
+    assignment_statistics,
+    counter_hash,
+    counter_randint,
+    counter_uniform,
+    ema_update_,
+    nearest_keys,
+    no_reduce,
+    pair_counts,
+    reset_pairs_,
+    rows_by_query_id,
+    smoothed_cluster_size,
+)
+from kvb_dist.kmeans import lloyd_
+
+INIT_MODES = ("random", "kmeans")
+
+# Tags that keep the counter-based random streams apart.
+_TAG_KEYS, _TAG_VALUES, _TAG_NOISE, _TAG_REPLACE, _TAG_KMEANS = 1, 2, 3, 4, 5
+
+
+def counter_normal(seed: torch.Tensor, tag: int, first_codebook: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normals [c, j, d] for codebooks first_codebook.. (Box-Muller on counter uniforms).
+
+    A codebook's initial keys and values depend on the seed and its global index only, so a
+    sharded module holds exactly the slice that one process would create.
+    """
+    num_codebooks, num_pairs, dim = shape
+    c = torch.arange(first_codebook, first_codebook + num_codebooks)[:, None, None]
+    j = torch.arange(num_pairs)[None, :, None]
+    d = torch.arange(dim)[None, None, :]
+    radius = torch.sqrt(-2.0 * torch.log(counter_uniform(seed, torch.tensor(tag), c, j, d)))
+    angle = counter_uniform(seed, torch.tensor(tag + 100), c, j, d) * (2 * math.pi)
+    return radius * torch.cos(angle)
+
+
+class Lookup(NamedTuple):
+    """What a lookup finds for a slice of codebooks; each [c, i, t, ...]."""
+
+    indices: torch.Tensor  # [c, i, t] pair index within its codebook
+    scores: torch.Tensor  # [c, i, t] -||query - key||^2
+    counts: torch.Tensor  # [c, i, t] cluster_size_counter of the fetched pair before this step
+    keys: Optional[torch.Tensor]  # [c, i, t, k] keys before this step's EMA update (if asked for)
+
+
+class KeyValueBottleneck(nn.Module):
+    """Discrete key-value bottleneck: C codebooks of J (key, value) pairs.
+
+    Input ``[batch, num_codebooks, *spatial, dim_keys]`` (any number of spatial dims, zero
+    included). Output, as in the original code, a tuple: ``(values,)`` when
+    ``return_values_only`` else ``(values, keys, indices, distances, counts)`` with
+
+    - values    ``[batch, num_codebooks, t, *spatial, dim_values]``
+    - keys      ``[batch, num_codebooks, t, *spatial, dim_keys]``
+    - indices   ``[batch, num_codebooks, t, *spatial, 1]`` (int64)
+    - distances ``[batch, num_codebooks, t, *spatial, 1]``: -||head - key||^2, as the original
+    - counts    ``[batch, num_codebooks, t, *spatial, 1]``: usage count of the fetched pair
+
+    where t = ``topk`` once keys are frozen and 1 while keys learn (the EMA uses the nearest key).
+    """
+
+    def __init__(
+        self,
+        num_codebooks: int,
+        key_value_pairs_per_codebook: int,
+        dim_keys: int,
+        dim_values: int,
+        init_mode: str = "random",
+        kmeans_iters: int = 10,
+        decay: float = 0.95,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0.0,
+        sample_codebook_temperature: float = 0.0,
+        return_values_only: bool = True,
+        topk: int = 1,
+        *,
+        seed: Optional[int] = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        super().__init__()
+        _check_arguments(
+            num_codebooks=num_codebooks,
+            key_value_pairs_per_codebook=key_value_pairs_per_codebook,
+            dim_keys=dim_keys,
+            dim_values=dim_values,
+            init_mode=init_mode,
+            kmeans_iters=kmeans_iters,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            sample_codebook_temperature=sample_codebook_temperature,
+            topk=topk,
+            chunk_elements=chunk_elements,
+        )
+        self.num_codebooks = num_codebooks
+        self.key_value_pairs_per_codebook = key_value_pairs_per_codebook
+        self.dim_keys = dim_keys
+        self.dim_values = dim_values
+        self.init_mode = init_mode
+        self.kmeans_iters = kmeans_iters
+        self.decay = decay
+        self.eps = eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.sample_codebook_temperature = sample_codebook_temperature
+        self.return_values_only = return_values_only
+        self.topk = topk
+        self.chunk_elements = chunk_elements
+        self.update_keys = True
+        self.count_cluster_size = True
+        if seed is None:  # drawn from torch's generator, so torch.manual_seed still governs init
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self._register_state(seed, first_codebook=0, num_local_codebooks=num_codebooks)
+
+    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int) -> None:
+        """State for codebooks first_codebook .. first_codebook + num_local_codebooks - 1."""
+        self.first_codebook = first_codebook
+        shape = (num_local_codebooks, self.key_value_pairs_per_codebook)
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+        if self.init_mode == "random":
+            keys = counter_normal(seed_t, _TAG_KEYS, first_codebook, (*shape, self.dim_keys))
+        else:
+            keys = torch.zeros(*shape, self.dim_keys)
+        values = counter_normal(seed_t, _TAG_VALUES, first_codebook, (*shape, self.dim_values))
+        self.register_buffer("initted", torch.tensor([float(self.init_mode != "kmeans")]))
+        self.register_buffer("cluster_size", torch.zeros(shape))
+        self.register_buffer("cluster_size_counter", torch.zeros(shape))
+        self.register_buffer("keys_avg", keys.clone())
+        self.register_buffer("keys", keys)
+        # [seed, step]: counter-based randomness is a function of these (and global ids) only.
+        self.register_buffer("random_state", torch.tensor([seed, 0], dtype=torch.int64))
+        self.values = nn.Parameter(values)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            queries_cik, batch, spatial = self._queries_from_input(x)
+            lookup = self._lookup_and_learn(
+                queries_cik,
+                first_query_id=0,
+                num_global_queries=queries_cik.shape[1],
+                reduce_sum=no_reduce,
+                with_keys=not self.return_values_only,
+            )
+            # Arrange the (small) indices first, so the values land in the output layout directly.
+            flat = _arrange(self._flat_indices(lookup.indices), batch, spatial)
+            values = self.fetch_values(flat)
+            if self.return_values_only:
+                return (values,)
+            return (
+                values,
+                _arrange(lookup.keys, batch, spatial),
+                _arrange(lookup.indices, batch, spatial)[..., None],
+                _arrange(lookup.scores, batch, spatial)[..., None],
+                _arrange(lookup.counts, batch, spatial)[..., None],
+            )
+
+    def _queries_from_input(self, x: torch.Tensor):
+        """[b, c, *spatial, k] -> queries [c, (b n), k] in fp32, with the input validated."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 3:
+            raise ValueError(
+                f"input must have shape [batch, num_codebooks={self.num_codebooks}, *spatial, "
+                f"dim_keys={self.dim_keys}] (at least 3 dims), got {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_codebooks:
+            raise ValueError(f"input dim 1 must be num_codebooks={self.num_codebooks}, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim_keys:
+            raise ValueError(f"input last dim must be dim_keys={self.dim_keys}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
+        x = x.float()
+        # One cheap reduction first; the exact elementwise check only if the sum is not finite.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise ValueError("input heads contain NaN or infinite values")
+        batch, num_codebooks, *spatial, dim = x.shape
+        positions = math.prod(spatial)
+        queries = x.reshape(batch, num_codebooks, positions, dim).permute(1, 0, 2, 3)
+        return queries.reshape(num_codebooks, batch * positions, dim), batch, spatial
+
+    def _flat_indices(self, indices_cit: torch.Tensor) -> torch.Tensor:
+        """Pair index within the codebook -> row of the flattened [c * j] tables held here."""
+        offsets = torch.arange(indices_cit.shape[0], device=indices_cit.device) * self.key_value_pairs_per_codebook
+        return indices_cit + offsets[:, None, None]
+
+    def fetch_values(self, flat_indices: torch.Tensor) -> torch.Tensor:
+        """Values [*, v] of rows of the flattened table; gradients reach only these rows."""
+        return F.embedding(flat_indices, self.values.reshape(-1, self.dim_values))
+
+    def _lookup_and_learn(
+        self,
+        queries_cik: torch.Tensor,
+        first_query_id: int,
+        num_global_queries: int,
+        reduce_sum: Reduce,
+        with_keys: bool = False,
+    ) -> Lookup:
+        """Lookup (and, while keys learn, the EMA step) for the codebooks held here.
+
+        The queries are the global queries first_query_id .. first_query_id + i - 1 of a batch
+        of num_global_queries; reduce_sum adds a statistic over every holder of these codebooks.
+        """
+        num_local, num_queries, _ = queries_cik.shape
+        num_pairs = self.key_value_pairs_per_codebook
+        device = queries_cik.device
+        seed, step = self.random_state[0], self.random_state[1]
+        learning = self.update_keys
+        if learning and not bool(self.initted.item()):
+            self._kmeans_init_(queries_cik, first_query_id, num_global_queries, reduce_sum)
+
+        excluded = None if self.count_cluster_size else self.cluster_size_counter == 0
+        indices, scores = nearest_keys(
+            queries_cik,
+            self.keys,
+            topk=1 if learning else self.topk,
+            temperature=self.sample_codebook_temperature,
+            excluded_cj=excluded,
+            noise_seed=counter_hash(seed, torch.tensor(_TAG_NOISE), step),
+            codebook_ids=torch.arange(num_local, device=device) + self.first_codebook,
+            query_ids=torch.arange(num_queries, device=device) + first_query_id,
+            chunk_elements=self.chunk_elements,
+        )
+        flat = self._flat_indices(indices)
+        keys = self.keys.reshape(-1, self.dim_keys)[flat] if with_keys else None
+        counts = self.cluster_size_counter.reshape(-1)[flat]
+
+        if learning:
+            pair_hits, sums = assignment_statistics(queries_cik, indices[..., 0], num_pairs)
+            pair_hits, sums = reduce_sum(pair_hits), reduce_sum(sums)
+            if num_global_queries > 0:
+                ema_update_(self.keys, self.keys_avg, self.cluster_size, pair_hits, sums, self.decay, self.eps)
+                self._replace_dead_pairs_(queries_cik, first_query_id, num_global_queries, reduce_sum)
+        elif self.count_cluster_size:
+            self.cluster_size_counter.add_(reduce_sum(pair_counts(indices, num_pairs)))
+        self.random_state[1] += 1
+        return Lookup(indices, scores, counts, keys)
+
+    def _replace_dead_pairs_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
+        """Pairs with cluster_size < threshold get a random head of the global batch as key.
+
+        The decision reads cluster_size, which is identical on every holder of these codebooks,
+        so all holders take the same branch and issue the same collectives.
+        """
+        if self.threshold_ema_dead_code <= 0:
+            return
+        dead = self.cluster_size < self.threshold_ema_dead_code
+        if not bool(dead.any()):
+            return
+        codebook_index, pair_index = dead.nonzero(as_tuple=True)
+        wanted = counter_randint(
+            counter_hash(self.random_state[0], torch.tensor(_TAG_REPLACE), self.random_state[1]),
+            num_global_queries,
+            codebook_index + self.first_codebook,
+            pair_index,
+        )
+        new_keys = reduce_sum(rows_by_query_id(queries_cik, first_query_id, codebook_index, wanted))
+        reset_pairs_(self.keys, self.keys_avg, self.cluster_size, dead, new_keys, self.threshold_ema_dead_code)
+
+    def _kmeans_init_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
+        """init_mode="kmeans": fit keys on the first (global) batch, with EMA state that derives them."""
+        if num_global_queries == 0:
+            return
+        num_local, num_pairs = self.keys.shape[:2]
+        device = queries_cik.device
+        codebook_index = torch.arange(num_local, device=device).repeat_interleave(num_pairs)
+        pair_index = torch.arange(num_pairs, device=device).repeat(num_local)
+        wanted = counter_randint(
+            counter_hash(self.random_state[0], torch.tensor(_TAG_KMEANS)),
+            num_global_queries,
+            codebook_index + self.first_codebook,
+            pair_index,
+        )
+        means = reduce_sum(rows_by_query_id(queries_cik, first_query_id, codebook_index, wanted))
+        means = means.view(num_local, num_pairs, self.dim_keys)
+        counts = lloyd_(queries_cik, means, self.kmeans_iters, reduce_sum, self.chunk_elements)
+        self.set_keys_(means, counts)
+
+    # ------------------------------------------------------------------------------------------
+    # Keys from outside, switches and usage
+
+    @torch.no_grad()
+    def set_keys_(self, keys: torch.Tensor, cluster_size: Optional[torch.Tensor] = None) -> None:
+        """Install keys fitted elsewhere (e.g. distributed k-means) with consistent EMA state.
+
+        keys: [codebooks held here, pairs, dim_keys]; cluster_size: [codebooks, pairs] cluster
+        counts (default: one per pair). keys_avg is set so that keys_avg / smoothed(cluster_size)
+        gives the keys back, so the next EMA step continues from them.
+        """
+        if tuple(keys.shape) != tuple(self.keys.shape):
+            raise ValueError(f"keys must have shape {tuple(self.keys.shape)}, got {tuple(keys.shape)}")
+        if cluster_size is None:
+            cluster_size = torch.ones(self.cluster_size.shape, device=self.keys.device)
+        if tuple(cluster_size.shape) != tuple(self.cluster_size.shape):
+            raise ValueError(
+                f"cluster_size must have shape {tuple(self.cluster_size.shape)}, got {tuple(cluster_size.shape)}"
+            )
+        if not bool(torch.isfinite(keys).all()):
+            raise ValueError("keys contain NaN or infinite values")
+        self.keys.copy_(keys)
+        self.cluster_size.copy_(cluster_size)
+        self.keys_avg.copy_(self.keys * smoothed_cluster_size(self.cluster_size, self.eps)[..., None])
+        self.initted.fill_(1.0)
+
+    def freeze_keys(self):
+        self.update_keys = False
+        self.keys.requires_grad = False
+        return self
+
+    def unfreeze_keys(self):
+        self.update_keys = True
+        return self
+
+    def enable_update_keys(self):
+        self.update_keys = True
+
+    def disable_update_keys(self):
+        self.update_keys = False
+
+    def activate_counts(self):
+        self.count_cluster_size = True
+
+    def deactivate_counts(self):
+        """Stop counting usage; from now on pairs never used are excluded from lookup."""
+        self.count_cluster_size = False
+
+    def reset_cluster_size_counter(self):
+        self.cluster_size_counter.zero_()
+
+    def fraction_of_unused_keys(self) -> torch.Tensor:
+        return (self.cluster_size_counter == 0).sum() / self.cluster_size_counter.numel()
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        expected = {
+            "keys": ("num_codebooks, key_value_pairs_per_codebook, dim_keys", self.keys.shape),
+            "keys_avg": ("num_codebooks, key_value_pairs_per_codebook, dim_keys", self.keys_avg.shape),
+            "values": ("num_codebooks, key_value_pairs_per_codebook, dim_values", self.values.shape),
+            "cluster_size": ("num_codebooks, key_value_pairs_per_codebook", self.cluster_size.shape),
+            "cluster_size_counter": ("num_codebooks, key_value_pairs_per_codebook", self.cluster_size_counter.shape),
+        }
+        for name, (meaning, shape) in expected.items():
+            found = state_dict.get(prefix + name)
+            if found is not None and tuple(found.shape) != tuple(shape):
+                raise ValueError(
+                    f"checkpoint entry '{prefix}{name}' has shape {tuple(found.shape)} but this module expects "
+                    f"({meaning}) = {tuple(shape)}"
+                )
+        # Checkpoints of the original code have no random_state: keep ours.
+        if prefix + "random_state" not in state_dict:
+            state_dict[prefix + "random_state"] = self.random_state.clone()
+        initted = state_dict.get(prefix + "initted")
+        if initted is not None:  # the original stores a float [1] tensor; accept any truthy form
+            state_dict[prefix + "initted"] = initted.reshape(1).float()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_codebooks={self.num_codebooks}, key_value_pairs_per_codebook={self.key_value_pairs_per_codebook}, "
+            f"dim_keys={self.dim_keys}, dim_values={self.dim_values}, init_mode={self.init_mode!r}, topk={self.topk}"
+        )
+
+
+def _arrange(t: torch.Tensor, batch: int, spatial: Sequence[int]) -> torch.Tensor:
+    """[c, (b n), t, *rest] -> [b, c, t, *spatial, *rest]."""
+    c, _, topk, *rest = t.shape
+    t = t.reshape(c, batch, -1, topk, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
+    return t.reshape(batch, c, topk, *spatial, *rest)
+
+
+def _check_arguments(**args) -> None:
+    def positive_int(name):
+        value = args[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    for name in ("num_codebooks", "key_value_pairs_per_codebook", "dim_keys", "dim_values", "topk", "chunk_elements"):
+        positive_int(name)
+    if args["init_mode"] not in INIT_MODES:
+        raise ValueError(f"init_mode must be one of {INIT_MODES}, got {args['init_mode']!r}")
+    if not isinstance(args["kmeans_iters"], int) or args["kmeans_iters"] < 0:
+        raise ValueError(f"kmeans_iters must be a non-negative integer, got {args['kmeans_iters']!r}")
+    if not 0.0 <= args["decay"] <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {args['decay']!r}")
+    if not args["eps"] > 0:
+        raise ValueError(f"eps must be > 0, got {args['eps']!r}")
+    if not args["threshold_ema_dead_code"] >= 0:
+        raise ValueError(f"threshold_ema_dead_code must be >= 0, got {args['threshold_ema_dead_code']!r}")
+    if not args["sample_codebook_temperature"] >= 0:
+        raise ValueError(f"sample_codebook_temperature must be >= 0, got {args['sample_codebook_temperature']!r}")
+    if args["topk"] > args["key_value_pairs_per_codebook"]:
+        raise ValueError(
+            f"topk={args['topk']} must not exceed key_value_pairs_per_codebook={args['key_value_pairs_per_codebook']}"
+        )
