@@ -12,7 +12,7 @@ j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per quer
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,25 +178,26 @@ class KeyValueBottleneck(nn.Module):
                 _arrange(lookup.counts, batch, spatial)[..., None],
             )
 
-    def _queries_from_input(self, x: torch.Tensor):
-        """[b, c, *spatial, k] -> queries [c, (b n), k] in fp32, with the input validated."""
+    def input_problem(self, x) -> Optional[str]:
+        """Why x is not a valid input [batch, num_codebooks, *spatial, dim_keys], or None."""
+        expected = f"[batch, num_codebooks={self.num_codebooks}, *spatial, dim_keys={self.dim_keys}]"
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim < 3:
-            raise ValueError(
-                f"input must have shape [batch, num_codebooks={self.num_codebooks}, *spatial, "
-                f"dim_keys={self.dim_keys}] (at least 3 dims), got {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_codebooks:
-            raise ValueError(f"input dim 1 must be num_codebooks={self.num_codebooks}, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim_keys:
-            raise ValueError(f"input last dim must be dim_keys={self.dim_keys}, got shape {tuple(x.shape)}")
+            return f"input must be a torch.Tensor {expected}, got {type(x).__name__}"
+        if x.ndim < 3 or x.shape[1] != self.num_codebooks or x.shape[-1] != self.dim_keys:
+            return f"input must have shape {expected}, got {tuple(x.shape)}"
         if not x.is_floating_point():
-            raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
-        x = x.float()
+            return f"input must be a floating point tensor, got {x.dtype}"
         # One cheap reduction first; the exact elementwise check only if the sum is not finite.
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-            raise ValueError("input heads contain NaN or infinite values")
+            return "input heads contain NaN or infinite values"
+        return None
+
+    def _queries_from_input(self, x: torch.Tensor):
+        """[b, c, *spatial, k] -> queries [c, (b n), k] in fp32, with the input validated."""
+        problem = self.input_problem(x)
+        if problem is not None:
+            raise ValueError(problem)
+        x = x.float()
         batch, num_codebooks, *spatial, dim = x.shape
         positions = math.prod(spatial)
         queries = x.reshape(batch, num_codebooks, positions, dim).permute(1, 0, 2, 3)
@@ -391,7 +392,7 @@ class KeyValueBottleneck(nn.Module):
 def _arrange(t: torch.Tensor, batch: int, spatial: Sequence[int]) -> torch.Tensor:
     """[c, (b n), t, *rest] -> [b, c, t, *spatial, *rest]."""
     c, _, topk, *rest = t.shape
-    t = t.reshape(c, batch, -1, topk, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
+    t = t.reshape(c, batch, math.prod(spatial), topk, *rest).permute(1, 0, 3, 2, *range(4, 4 + len(rest)))
     return t.reshape(batch, c, topk, *spatial, *rest)
 
 

@@ -1,0 +1,175 @@
+"""KeyValueBottleneck with its codebooks sharded over ranks.
+
+Each rank of a shard group holds a contiguous range of codebooks (keys, EMA state, values).
+A forward routes every rank's heads to the codebooks' owners (all-to-all), the owner runs the
+same codebook code as the single-process module on its shard group's whole batch, summing
+EMA statistics over its replica group, and the fetched values travel back through a
+differentiable all-to-all. Outputs on each rank are those of its local batch; keys, counts,
+outputs and value gradients equal those of one process given the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kvb_dist.core import KeyValueBottleneck, _arrange
+from kvb_dist.parallel import ParallelLayout
+
+# Arguments every rank must agree on, in the order they are compared.
+_AGREED = (
+    "num_codebooks",
+    "key_value_pairs_per_codebook",
+    "dim_keys",
+    "dim_values",
+    "init_mode",
+    "kmeans_iters",
+    "decay",
+    "eps",
+    "threshold_ema_dead_code",
+    "sample_codebook_temperature",
+    "topk",
+)
+
+
+class ShardedKeyValueBottleneck(KeyValueBottleneck):
+    """Same arguments as KeyValueBottleneck, plus the layout (default: every rank a shard).
+
+    Construct it on every rank together: ranks agree on the seed (rank 0's) and check that their
+    arguments match. Gradients of the values equal the single-process gradient of the mean loss
+    over the global batch, provided, as with DDP, each rank's loss is the mean over an equally
+    sized local batch.
+    """
+
+    def __init__(self, *args, layout: Optional[ParallelLayout] = None, **kwargs):
+        self.layout = layout if layout is not None else ParallelLayout.build()
+        super().__init__(*args, **kwargs)
+        self.values.register_hook(self._sum_value_grad_over_replicas)
+
+    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int) -> None:
+        self._check_agreement()
+        seed = int(self.layout.broadcast_world(torch.tensor([seed], dtype=torch.int64))[0])
+        start, stop = self.layout.codebook_range(self.num_codebooks)
+        super()._register_state(seed, first_codebook=start, num_local_codebooks=stop - start)
+
+    def _check_agreement(self) -> None:
+        def as_number(value):
+            return float(value) if not isinstance(value, str) else float(sum(map(ord, value)))
+
+        mine = torch.tensor([as_number(getattr(self, name)) for name in _AGREED], dtype=torch.float64)
+        everyone = self.layout.all_gather_world(mine)
+        differing = [
+            f"{name} (rank {r}: {float(everyone[r, i])} vs rank 0: {float(everyone[0, i])})"
+            for i, name in enumerate(_AGREED)
+            for r in range(everyone.shape[0])
+            if everyone[r, i] != everyone[0, i]
+        ]
+        if differing:  # every rank sees the same gathered table, so every rank raises
+            raise ValueError("ranks disagree on the bottleneck configuration: " + "; ".join(differing))
+
+    def _sum_value_grad_over_replicas(self, grad: torch.Tensor) -> torch.Tensor:
+        # The all-to-all backward already summed the grads of my shard group's samples, each the
+        # mean over its rank's batch; adding the replicas and dividing by the world size gives
+        # the mean over the global batch.
+        grad = self.layout.all_reduce_replicas(grad.clone())
+        return grad / self.layout.world_size
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # Agree on validity before any routing: a rank that raised alone would hang the others.
+            problem = self.input_problem(x)
+            local_queries = 0 if problem else x.shape[0] * math.prod(x.shape[2:-1])
+            status = self.layout.all_gather_world(torch.tensor([local_queries, int(problem is not None)]))
+            bad_ranks = [r for r in range(status.shape[0]) if status[r, 1]]
+            if bad_ranks:
+                raise ValueError(f"invalid bottleneck input on rank(s) {bad_ranks}" + (f": {problem}" if problem else ""))
+            queries_cik, batch, spatial = self._queries_from_input(x)
+            routed = self.layout.route_to_owners(queries_cik, [int(n) for n in status[:, 0]])
+            lookup = self._lookup_and_learn(
+                routed.owned_cik,
+                routed.first_query_id,
+                routed.num_global_queries,
+                reduce_sum=self.layout.all_reduce_replicas,
+                with_keys=not self.return_values_only,
+            )
+            owned_values = self.fetch_values(self._flat_indices(lookup.indices))
+            values = self.layout.route_back(owned_values, self.num_codebooks, routed.peer_queries)
+            values = _arrange(values, batch, spatial)
+            if self.return_values_only:
+                return (values,)
+            # The other outputs carry no gradient: one all-to-all for all of them.
+            packed = torch.cat(
+                [lookup.keys, lookup.indices[..., None].float(), lookup.scores[..., None], lookup.counts[..., None]],
+                dim=-1,
+            )
+            packed = _arrange(self.layout.route_back(packed, self.num_codebooks, routed.peer_queries), batch, spatial)
+            keys, indices, scores, counts = packed.split([self.dim_keys, 1, 1, 1], dim=-1)
+            return values, keys, indices.long(), scores, counts
+
+    def fraction_of_unused_keys(self) -> torch.Tensor:
+        unused = (self.cluster_size_counter == 0).sum().double()
+        # Every replica group holds the same counters: the world sum counts each pair R times.
+        unused = self.layout.all_reduce_world(unused) / self.layout.num_replicas
+        return (unused / (self.num_codebooks * self.key_value_pairs_per_codebook)).float()
+
+    # ------------------------------------------------------------------------------------------
+    # State: per-shard via state_dict(); the full state for one process or another layout.
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The state of all codebooks, loadable by KeyValueBottleneck (collective: call on every rank)."""
+        ranges = self.layout.codebook_ranges(self.num_codebooks)
+        widest = max(b - a for a, b in ranges)
+        full = {}
+        for name, tensor in self.state_dict().items():
+            if name in _PER_CODEBOOK:
+                padded = tensor.new_zeros(widest, *tensor.shape[1:])
+                padded[: tensor.shape[0]] = tensor
+                gathered = self.layout.all_gather_world(padded)
+                # Replica 0's shard ranks hold every codebook once, in order.
+                tensor = torch.cat([gathered[s, : b - a] for s, (a, b) in enumerate(ranges)])
+            full[name] = tensor.detach().clone()
+        return full
+
+    def load_full_state_dict(self, full: Dict[str, torch.Tensor], strict: bool = True):
+        """Load a full (single-process or gathered) state, keeping the codebooks this rank holds."""
+        start, stop = self.layout.codebook_range(self.num_codebooks)
+        mine = {}
+        for name, tensor in full.items():
+            if name in _PER_CODEBOOK:
+                if tensor.shape[0] != self.num_codebooks:
+                    raise ValueError(
+                        f"state entry '{name}' has {tensor.shape[0]} codebooks, expected num_codebooks={self.num_codebooks}"
+                    )
+                tensor = tensor[start:stop]
+            mine[name] = tensor
+        return self.load_state_dict(mine, strict=strict)
+
+
+_PER_CODEBOOK = ("keys", "keys_avg", "values", "cluster_size", "cluster_size_counter")
+
+
+def sharded_modules(model: nn.Module) -> Iterable[tuple]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ShardedKeyValueBottleneck)]
+
+
+def prepare_for_ddp(model: nn.Module) -> nn.Module:
+    """Make a model with sharded bottlenecks safe to wrap with DDP / Accelerate.
+
+    DDP would broadcast rank 0's shard over everyone's and average shard gradients across
+    ranks that hold different codebooks; the sharded parameters and buffers are therefore
+    excluded from DDP (their gradients are synchronized by the module itself). Call before
+    `DistributedDataParallel(model)` or `accelerator.prepare(model)`.
+    """
+    ignored = []
+    for prefix, module in sharded_modules(model):
+        dotted = f"{prefix}." if prefix else ""
+        ignored += [dotted + n for n, _ in module.named_parameters(recurse=False)]
+        ignored += [dotted + n for n, _ in module.named_buffers(recurse=False)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return model

@@ -1,0 +1,203 @@
+"""Sharded codebooks on gloo ranks compute exactly what one process computes on the global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distributed import run_ranks
+from kvb_dist.core import KeyValueBottleneck
+from kvb_dist.parallel import ParallelLayout, shard_ranges, shard_sizes
+from kvb_dist.sharded import ShardedKeyValueBottleneck, prepare_for_ddp
+
+LOCAL_BATCH = 6
+SPATIAL = (2,)
+CONFIGS = {
+    # 5 codebooks: no layout below divides them evenly. A high threshold forces replacements.
+    "random": dict(
+        num_codebooks=5, key_value_pairs_per_codebook=16, dim_keys=3, dim_values=4,
+        threshold_ema_dead_code=0.6, topk=2, return_values_only=False, seed=1234,
+    ),
+    "kmeans": dict(
+        num_codebooks=5, key_value_pairs_per_codebook=8, dim_keys=3, dim_values=4, init_mode="kmeans",
+        kmeans_iters=3, threshold_ema_dead_code=0.3, sample_codebook_temperature=0.3, topk=3,
+        return_values_only=False, seed=99,
+    ),
+}
+LEARNING_STEPS = 3
+
+
+def global_batch(step: int, batch_sizes, config) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(sum(batch_sizes), config["num_codebooks"], *SPATIAL, config["dim_keys"], generator=g)
+
+
+def local_slice(x: torch.Tensor, rank: int, batch_sizes) -> torch.Tensor:
+    start = sum(batch_sizes[:rank])
+    return x[start : start + batch_sizes[rank]]
+
+
+def run_protocol(module: KeyValueBottleneck, batches, loss_weights):
+    """EMA steps with replacements, then frozen keys with counting, then masking + backward."""
+    outputs = []
+    for x in batches[:LEARNING_STEPS]:
+        outputs.append([o.detach() for o in module(x)])
+    module.freeze_keys()
+    outputs.append([o.detach() for o in module(batches[LEARNING_STEPS])])
+    module.deactivate_counts()
+    final = module(batches[LEARNING_STEPS + 1])
+    outputs.append([o.detach() for o in final])
+    values = final[0]
+    # Mean over the local batch of a per-sample loss, as data-parallel training does.
+    (values * loss_weights).flatten(1).sum(1).mean().backward()
+    return outputs
+
+
+def sharded_worker(rank, world_size, layouts, batch_sizes):
+    results = {}
+    for num_shards in layouts:
+        layout = ParallelLayout.build(num_shards)
+        for name, config in CONFIGS.items():
+            module = ShardedKeyValueBottleneck(**config, layout=layout)
+            batches = [local_slice(global_batch(s, batch_sizes, config), rank, batch_sizes) for s in range(LEARNING_STEPS + 2)]
+            weights = torch.linspace(-1, 1, config["dim_values"])
+            outputs = run_protocol(module, batches, weights)
+            state = module.full_state_dict()
+            start, stop = layout.codebook_range(config["num_codebooks"])
+            results[(num_shards, name)] = dict(
+                outputs=outputs, state=state, grad=(start, module.values.grad.clone()),
+                unused=float(module.fraction_of_unused_keys()),
+            )
+    return results
+
+
+def reference(name: str, batch_sizes):
+    config = CONFIGS[name]
+    module = KeyValueBottleneck(**config)
+    batches = [global_batch(s, batch_sizes, config) for s in range(LEARNING_STEPS + 2)]
+    outputs = run_protocol(module, batches, torch.linspace(-1, 1, config["dim_values"]))
+    return module, outputs
+
+
+def check_against_reference(per_rank, layouts, batch_sizes):
+    for name in CONFIGS:
+        single, ref_outputs = reference(name, batch_sizes)
+        for num_shards in layouts:
+            where = f"config {name}, {len(per_rank) // num_shards} replicas x {num_shards} shards"
+            grad = torch.zeros_like(single.values)
+            for rank, results in enumerate(per_rank):
+                got = results[(num_shards, name)]
+                for step, (outs, refs) in enumerate(zip(got["outputs"], ref_outputs)):
+                    for out, ref in zip(outs, refs):
+                        expected = local_slice(ref, rank, batch_sizes)
+                        assert out.shape == expected.shape, where
+                        torch.testing.assert_close(out.float(), expected.float(), atol=1e-5, rtol=1e-5, msg=f"{where}, step {step}")
+                for key in ("keys", "keys_avg", "cluster_size", "cluster_size_counter", "values", "random_state"):
+                    torch.testing.assert_close(got["state"][key], single.state_dict()[key], atol=1e-5, rtol=1e-5, msg=f"{where}: {key}")
+                start, g = got["grad"]
+                grad[start : start + g.shape[0]] = g
+                assert got["unused"] == pytest.approx(float(single.fraction_of_unused_keys()))
+            # Like DDP, each rank's mean loss counts 1/W; with an empty rank the global mean is rescaled.
+            scale = sum(batch_sizes) / (len(batch_sizes) * max(batch_sizes))
+            torch.testing.assert_close(grad, single.values.grad * scale, atol=1e-6, rtol=1e-5, msg=f"{where}: value grads")
+
+
+def test_shard_sizes_table():
+    assert shard_sizes(10, 4) == [3, 3, 2, 2]
+    assert shard_sizes(5, 3) == [2, 2, 1]
+    assert shard_sizes(2, 4) == [1, 1, 0, 0]
+    assert shard_ranges(5, 2) == [(0, 3), (3, 5)]
+    with pytest.raises(ValueError):
+        shard_sizes(4, 0)
+
+
+def test_world_of_one_is_the_core_module():
+    config = CONFIGS["random"]
+    sharded = ShardedKeyValueBottleneck(**config, layout=ParallelLayout.single())
+    single = KeyValueBottleneck(**config)
+    x = torch.randn(4, 5, 2, 3)
+    for a, b in zip(sharded(x), single(x)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.timeout(150)
+def test_equivalence_two_ranks_with_an_empty_local_batch():
+    # Layouts (1 replica x 2 shards) and (2 replicas x 1 shard); rank 1 has no samples at all.
+    for batch_sizes in ([LOCAL_BATCH, LOCAL_BATCH], [LOCAL_BATCH, 0]):
+        per_rank = run_ranks(2, sharded_worker, (2, 1), batch_sizes)
+        check_against_reference(per_rank, (2, 1), batch_sizes)
+
+
+@pytest.mark.timeout(150)
+def test_equivalence_three_ranks():
+    batch_sizes = [LOCAL_BATCH] * 3
+    per_rank = run_ranks(3, sharded_worker, (3,), batch_sizes)
+    check_against_reference(per_rank, (3,), batch_sizes)
+
+
+@pytest.mark.timeout(150)
+def test_equivalence_four_ranks():
+    batch_sizes = [LOCAL_BATCH] * 4
+    per_rank = run_ranks(4, sharded_worker, (2, 4), batch_sizes)
+    check_against_reference(per_rank, (2, 4), batch_sizes)
+
+
+class TinyModel(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        self.project = nn.Linear(4, 5 * 3)
+        self.bottleneck = ShardedKeyValueBottleneck(5, 16, 3, 4, layout=layout, seed=7)
+
+    def forward(self, x):
+        heads = self.project(x).view(x.shape[0], 5, 3)
+        return self.bottleneck(heads)[0].mean(dim=(1, 2))
+
+
+def ddp_and_faults_worker(rank, world_size):
+    layout = ParallelLayout.build()
+    torch.manual_seed(rank)  # different dense init per rank: DDP must sync it
+    model = prepare_for_ddp(TinyModel(layout))
+    shard_before = model.bottleneck.values.detach().clone()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    shard_after_wrap = model.bottleneck.values.detach().clone()
+    x = torch.randn(3, 4)
+    ddp(x).pow(2).mean().backward()
+    report = dict(
+        shard_unchanged=bool(torch.equal(shard_before, shard_after_wrap)),
+        first_codebook=model.bottleneck.first_codebook,
+        dense_weight=model.project.weight.detach().clone(),
+        value_grad_finite=bool(torch.isfinite(model.bottleneck.values.grad).all()),
+    )
+    # A configuration that differs on one rank is an error everywhere, not a hang.
+    try:
+        ShardedKeyValueBottleneck(5, 16 + rank, 3, 4, layout=layout)
+        report["mismatch_error"] = None
+    except ValueError as error:
+        report["mismatch_error"] = str(error)
+    # Invalid input on one rank only: every rank raises instead of waiting in the all-to-all.
+    module = ShardedKeyValueBottleneck(5, 16, 3, 4, layout=layout)
+    bad = torch.randn(2, 5, 3) if rank == 0 else torch.full((2, 5, 3), float("nan"))
+    try:
+        module(bad)
+        report["input_error"] = None
+    except ValueError as error:
+        report["input_error"] = str(error)
+    # Frozen keys, counting off, nothing ever counted: every pair is masked; lookups still agree.
+    module.freeze_keys()
+    module.deactivate_counts()
+    report["masked_output"] = module(torch.randn(2, 5, 3))[0].shape
+    return report
+
+
+@pytest.mark.timeout(120)
+def test_ddp_wrap_faults_and_mismatched_configuration():
+    reports = run_ranks(2, ddp_and_faults_worker)
+    assert all(r["shard_unchanged"] for r in reports)
+    assert [r["first_codebook"] for r in reports] == [0, 3]
+    torch.testing.assert_close(reports[0]["dense_weight"], reports[1]["dense_weight"])  # DDP synced dense params
+    assert all(r["value_grad_finite"] for r in reports)
+    for r in reports:
+        assert r["mismatch_error"] is not None and "key_value_pairs_per_codebook" in r["mismatch_error"]
+        assert r["input_error"] is not None and "rank(s) [1]" in r["input_error"]
+        assert tuple(r["masked_output"]) == (2, 5, 1, 4)
