@@ -1,0 +1,227 @@
+"""KeyValueBottleneck against naive references written from the formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvb_dist import KeyValueBottleneck
+from kvb_dist.codebook import counter_uniform, nearest_keys, smoothed_cluster_size
+
+
+def naive_step(keys, keys_avg, cluster_size, heads_cik, decay, eps):
+    """One EMA step of the original formulation: full distance matrix and one-hot sums."""
+    dist = (heads_cik[:, :, None, :] - keys[:, None, :, :]).pow(2).sum(-1)  # [c, i, j]
+    indices = dist.argmin(-1)
+    onehot = F.one_hot(indices, keys.shape[1]).float()  # [c, i, j]
+    cluster_size = cluster_size * decay + onehot.sum(1) * (1 - decay)
+    keys_avg = keys_avg * decay + torch.einsum("cik,cij->cjk", heads_cik, onehot) * (1 - decay)
+    total = cluster_size.sum(-1, keepdim=True)
+    smoothed = (cluster_size + eps) / (total + keys.shape[1] * eps) * total
+    return indices, keys_avg / smoothed[..., None], keys_avg, cluster_size
+
+
+def heads(batch, num_codebooks, dim, *spatial, seed=0):
+    return torch.randn(batch, num_codebooks, *spatial, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("spatial", [(), (5,), (2, 3, 4)])
+def test_output_shapes(spatial):
+    module = KeyValueBottleneck(3, 20, 4, 6, return_values_only=False)
+    values, keys, indices, distances, counts = module(heads(2, 3, 4, *spatial))
+    assert values.shape == (2, 3, 1, *spatial, 6)
+    assert keys.shape == (2, 3, 1, *spatial, 4)
+    for extra in (indices, distances, counts):
+        assert extra.shape == (2, 3, 1, *spatial, 1)
+    assert indices.dtype == torch.int64
+    (values_only,) = KeyValueBottleneck(3, 20, 4, 6)(heads(2, 3, 4, *spatial))
+    assert values_only.shape == (2, 3, 1, *spatial, 6)
+
+
+def test_original_readme_example_runs_as_written():
+    bottleneck = KeyValueBottleneck(
+        num_codebooks=64, key_value_pairs_per_codebook=200, dim_keys=32, dim_values=64, topk=1, return_values_only=False
+    )
+    x = torch.randn(256, 64, 4, 8, 16, 32)
+    values, keys, indices, distances, counts = bottleneck(x)
+    assert values.shape == (256, 64, 1, 4, 8, 16, 64)
+    assert keys.shape == (256, 64, 1, 4, 8, 16, 32)
+    assert indices.shape == distances.shape == counts.shape == (256, 64, 1, 4, 8, 16, 1)
+
+
+def test_outputs_and_ema_match_the_formulas():
+    torch.manual_seed(0)
+    module = KeyValueBottleneck(4, 32, 3, 5, decay=0.9, eps=1e-5, return_values_only=False, chunk_elements=50)
+    keys, keys_avg = module.keys.clone(), module.keys_avg.clone()
+    cluster_size = module.cluster_size.clone()
+    for step in range(5):
+        x = heads(8, 4, 3, 2, seed=step)
+        queries = x.permute(1, 0, 2, 3).reshape(4, 16, 3)
+        ref_indices, ref_keys, ref_avg, ref_size = naive_step(keys, keys_avg, cluster_size, queries, 0.9, 1e-5)
+        values, fetched_keys, indices, distances, _ = module(x)
+        got_indices = indices[..., 0, :, 0].permute(1, 0, 2).reshape(4, 16)
+        assert torch.equal(got_indices, ref_indices)
+        # Fetched keys are the keys before the update; distances are -||head - key||^2.
+        ref_fetched = keys[torch.arange(4)[:, None], ref_indices]  # [c, i, k]
+        got_fetched = fetched_keys[:, :, 0].permute(1, 0, 2, 3).reshape(4, 16, 3)
+        torch.testing.assert_close(got_fetched, ref_fetched)
+        got_dist = distances[:, :, 0, :, 0].permute(1, 0, 2).reshape(4, 16)
+        torch.testing.assert_close(got_dist, -(queries - ref_fetched).pow(2).sum(-1), rtol=1e-5, atol=1e-5)
+        ref_values = module.values.detach()[torch.arange(4)[:, None], ref_indices]
+        torch.testing.assert_close(values[:, :, 0].permute(1, 0, 2, 3).reshape(4, 16, 5), ref_values)
+        torch.testing.assert_close(module.keys, ref_keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(module.keys_avg, ref_avg, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(module.cluster_size, ref_size)
+        keys, keys_avg, cluster_size = ref_keys, ref_avg, ref_size
+
+
+def test_chunked_and_unchunked_lookups_agree():
+    queries = torch.randn(6, 300, 5)
+    keys = torch.randn(6, 70, 5)
+    excluded = torch.rand(6, 70) < 0.3
+    seed = torch.tensor(3)
+    common = dict(topk=3, excluded_cj=excluded, noise_seed=seed, codebook_ids=torch.arange(6), query_ids=torch.arange(300))
+    for temperature in (0.0, 0.7):
+        whole = nearest_keys(queries, keys, temperature=temperature, chunk_elements=10**9, **common)
+        for chunk in (7, 71, 1000, 6 * 300 * 70 - 1):
+            part = nearest_keys(queries, keys, temperature=temperature, chunk_elements=chunk, **common)
+            assert torch.equal(whole[0], part[0])
+            torch.testing.assert_close(whole[1], part[1])
+        assert not excluded.gather(1, whole[0].reshape(6, -1)).any()
+
+
+def test_topk_returns_the_nearest_keys_in_order():
+    module = KeyValueBottleneck(2, 10, 3, 4, topk=4, return_values_only=False).freeze_keys()
+    x = heads(5, 2, 3)
+    _, _, indices, distances, _ = module(x)
+    assert indices.shape == (5, 2, 4, 1)
+    dist = (x[:, :, None, :] - module.keys[None]).pow(2).sum(-1)  # [b, c, j]
+    expected = dist.topk(4, dim=-1, largest=False).indices
+    assert torch.equal(indices[..., 0], expected)
+    assert (distances[:, :, :-1] >= distances[:, :, 1:]).all()  # nearest first (scores are -distance)
+
+
+def test_temperature_samples_and_is_reproducible():
+    module = KeyValueBottleneck(1, 8, 2, 3, sample_codebook_temperature=5.0, return_values_only=False, seed=5)
+    module.freeze_keys()
+    x = heads(400, 1, 2)
+    first = module(x)[2].flatten()
+    second = module(x)[2].flatten()
+    nearest = (x[:, :, None] - module.keys[None]).pow(2).sum(-1).argmin(-1).flatten()
+    assert (first != nearest).any()  # sampling, not argmin
+    assert (first != second).any()  # a new step draws new noise
+    again = KeyValueBottleneck(1, 8, 2, 3, sample_codebook_temperature=5.0, return_values_only=False, seed=5)
+    assert torch.equal(again.freeze_keys()(x)[2].flatten(), first)
+    uniform = counter_uniform(torch.tensor(1), torch.arange(100000))
+    assert 0 < float(uniform.min()) and float(uniform.max()) < 1 and abs(float(uniform.mean()) - 0.5) < 0.01
+
+
+def test_dead_pairs_are_replaced_by_batch_heads_with_their_state_reset():
+    module = KeyValueBottleneck(2, 16, 3, 4, threshold_ema_dead_code=0.5, decay=0.9)
+    x = heads(6, 2, 3) + 100.0  # far from every initial key: only a few pairs get chosen
+    module(x)
+    queries = x.permute(1, 0, 2).reshape(2, 6, 3)
+    replaced = module.cluster_size == 0.5
+    assert replaced.sum() >= 10
+    for c, j in replaced.nonzero().tolist():
+        assert any(torch.equal(module.keys[c, j], q) for q in queries[c])  # a real head of the batch
+        torch.testing.assert_close(module.keys_avg[c, j], module.keys[c, j] * 0.5)
+    # The reset state derives (almost exactly) the new key: the next step does not pull it back.
+    derived = module.keys_avg / smoothed_cluster_size(module.cluster_size, module.eps)[..., None]
+    torch.testing.assert_close(derived[replaced], module.keys[replaced], rtol=1e-3, atol=1e-3)
+
+
+def test_kmeans_init_sets_consistent_ema_state():
+    data = torch.cat([torch.randn(50, 1, 2) * 0.1 + torch.tensor([5.0, 5.0]), torch.randn(50, 1, 2) * 0.1 - 5.0])
+    module = KeyValueBottleneck(1, 2, 2, 3, init_mode="kmeans", kmeans_iters=5, decay=0.99)
+    module(data)
+    centers = module.keys[0].sort(dim=0).values
+    torch.testing.assert_close(centers, torch.tensor([[-5.0, -5.0], [5.0, 5.0]]), atol=0.1, rtol=0)
+    assert module.keys_avg.abs().min() > 1.0  # not left at zero (the original's defect)
+    derived = module.keys_avg / smoothed_cluster_size(module.cluster_size, module.eps)[..., None]
+    torch.testing.assert_close(derived, module.keys, rtol=1e-4, atol=1e-4)
+
+
+def test_unused_pairs_are_masked_when_counting_stops():
+    module = KeyValueBottleneck(1, 50, 2, 3, return_values_only=False).freeze_keys()
+    module(heads(3, 1, 2))
+    used = module.cluster_size_counter[0] > 0
+    assert 0 < int(used.sum()) <= 3
+    assert module.fraction_of_unused_keys() == pytest.approx(1 - int(used.sum()) / 50)
+    module.deactivate_counts()
+    counter = module.cluster_size_counter.clone()
+    indices = module(heads(200, 1, 2, seed=9))[2].flatten()
+    assert used[indices].all()
+    assert torch.equal(module.cluster_size_counter, counter)  # no counting while deactivated
+    module.activate_counts()
+    module.reset_cluster_size_counter()
+    assert module.fraction_of_unused_keys() == 1.0
+
+
+def test_gradients_reach_only_fetched_values():
+    module = KeyValueBottleneck(3, 40, 2, 5, topk=2, return_values_only=False).freeze_keys()
+    values, _, indices, _, _ = module(heads(4, 3, 2))
+    values.sum().backward()
+    fetched = torch.zeros(3, 40, dtype=torch.bool)
+    for c in range(3):
+        fetched[c, indices[:, c].flatten()] = True
+    assert torch.equal(module.values.grad.abs().sum(-1) > 0, fetched)
+
+
+def test_state_dict_round_trip_and_original_checkpoints():
+    module = KeyValueBottleneck(2, 8, 3, 4, threshold_ema_dead_code=0.1)
+    for step in range(3):
+        module(heads(5, 2, 3, seed=step))
+    state = module.state_dict()
+    assert set(state) == {"keys", "keys_avg", "cluster_size", "cluster_size_counter", "initted", "values", "random_state"}
+    clone = KeyValueBottleneck(2, 8, 3, 4, threshold_ema_dead_code=0.1)
+    clone.load_state_dict(state)
+    x = heads(5, 2, 3, seed=42)
+    for a, b in zip(module(x), clone(x)):
+        torch.testing.assert_close(a, b)
+    # The original code's checkpoints: no random_state, initted a float [1] tensor.
+    original = {k: v for k, v in state.items() if k != "random_state"}
+    original["initted"] = torch.Tensor([True])
+    KeyValueBottleneck(2, 8, 3, 4).load_state_dict(original)
+    with pytest.raises(ValueError, match="key_value_pairs_per_codebook"):
+        KeyValueBottleneck(2, 9, 3, 4).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(topk=9), "topk"),
+        (dict(init_mode="faiss"), "init_mode"),
+        (dict(decay=1.5), "decay"),
+        (dict(num_codebooks=0), "num_codebooks"),
+        (dict(eps=0.0), "eps"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(num_codebooks=2, key_value_pairs_per_codebook=8, dim_keys=3, dim_values=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        KeyValueBottleneck(**args)
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(4, 2), "shape"),
+        (torch.randn(4, 3, 3), "num_codebooks=2"),
+        (torch.randn(4, 2, 5), "dim_keys=3"),
+        (torch.tensor([[[1.0, float("inf"), 0.0]] * 2]), "NaN or infinite"),
+        (torch.ones(4, 2, 3, dtype=torch.int64), "floating point"),
+    ],
+)
+def test_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        KeyValueBottleneck(2, 8, 3, 4)(x)
+
+
+def test_autocast_and_half_inputs_use_fp32_codebook_math():
+    module = KeyValueBottleneck(2, 8, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (values,) = module(heads(3, 2, 3).bfloat16())
+    assert values.dtype == torch.float32 and module.keys.dtype == torch.float32
