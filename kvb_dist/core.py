@@ -212,6 +212,31 @@ class KeyValueBottleneck(nn.Module):
         """Values [*, v] of rows of the flattened table; gradients reach only these rows."""
         return F.embedding(flat_indices, self.values.reshape(-1, self.dim_values))
 
+    def indices_problem(self, indices) -> Optional[str]:
+        """Why indices is not valid input for values_at, or None."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+            return "indices must be an int64 tensor [batch, num_codebooks, t, *spatial]"
+        if indices.ndim < 3 or indices.shape[1] != self.num_codebooks:
+            return f"indices must have shape [batch, num_codebooks={self.num_codebooks}, t, *spatial], got {tuple(indices.shape)}"
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.key_value_pairs_per_codebook):
+            return f"indices must be in [0, key_value_pairs_per_codebook={self.key_value_pairs_per_codebook})"
+        return None
+
+    def values_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """Values [b, c, t, *spatial, v] of pairs [b, c, t, *spatial] found by an earlier lookup.
+
+        Once keys are frozen a sample always fetches the same pairs: training can cache its
+        indices (the `indices` output) and fetch values with a gather, skipping the lookup.
+        Usage is counted as in a frozen forward.
+        """
+        problem = self.indices_problem(indices)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.count_cluster_size:
+            self.cluster_size_counter.add_(pair_counts(indices.transpose(0, 1), self.key_value_pairs_per_codebook))
+        offsets = torch.arange(self.num_codebooks, device=indices.device) * self.key_value_pairs_per_codebook
+        return self.fetch_values(indices + offsets.view(1, -1, *([1] * (indices.ndim - 2))))
+
     def _lookup_and_learn(
         self,
         queries_cik: torch.Tensor,

@@ -11,12 +11,13 @@ outputs and value gradients equal those of one process given the concatenated gl
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kvb_dist.codebook import pair_counts
 from kvb_dist.core import KeyValueBottleneck, _arrange
 from kvb_dist.parallel import ParallelLayout
 
@@ -80,17 +81,28 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
 
     # ------------------------------------------------------------------------------------------
 
+    def _agree_on_input(self, problem: Optional[str], local_queries: int) -> List[int]:
+        """Every rank's query count; raises on every rank if any rank's input is invalid.
+
+        A rank that raised alone would leave the others waiting in the all-to-all.
+        """
+        status = self.layout.all_gather_world(torch.tensor([local_queries, int(problem is not None)]))
+        bad_ranks = [r for r in range(status.shape[0]) if status[r, 1]]
+        if bad_ranks:
+            raise ValueError(f"invalid bottleneck input on rank(s) {bad_ranks}" + (f": {problem}" if problem else ""))
+        return [int(n) for n in status[:, 0]]
+
+    def _values_to_requesters(self, owned_indices_cit: torch.Tensor, peer_queries: List[int]) -> torch.Tensor:
+        """Values of the owned lookups, sent back to the ranks whose samples asked: [C, i, t, v]."""
+        owned_values = self.fetch_values(self._flat_indices(owned_indices_cit))
+        return self.layout.route_back(owned_values, self.num_codebooks, peer_queries)
+
     def forward(self, x: torch.Tensor):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # Agree on validity before any routing: a rank that raised alone would hang the others.
             problem = self.input_problem(x)
-            local_queries = 0 if problem else x.shape[0] * math.prod(x.shape[2:-1])
-            status = self.layout.all_gather_world(torch.tensor([local_queries, int(problem is not None)]))
-            bad_ranks = [r for r in range(status.shape[0]) if status[r, 1]]
-            if bad_ranks:
-                raise ValueError(f"invalid bottleneck input on rank(s) {bad_ranks}" + (f": {problem}" if problem else ""))
+            queries_per_rank = self._agree_on_input(problem, 0 if problem else x.shape[0] * math.prod(x.shape[2:-1]))
             queries_cik, batch, spatial = self._queries_from_input(x)
-            routed = self.layout.route_to_owners(queries_cik, [int(n) for n in status[:, 0]])
+            routed = self.layout.route_to_owners(queries_cik, queries_per_rank)
             lookup = self._lookup_and_learn(
                 routed.owned_cik,
                 routed.first_query_id,
@@ -98,9 +110,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
                 reduce_sum=self.layout.all_reduce_replicas,
                 with_keys=not self.return_values_only,
             )
-            owned_values = self.fetch_values(self._flat_indices(lookup.indices))
-            values = self.layout.route_back(owned_values, self.num_codebooks, routed.peer_queries)
-            values = _arrange(values, batch, spatial)
+            values = _arrange(self._values_to_requesters(lookup.indices, routed.peer_queries), batch, spatial)
             if self.return_values_only:
                 return (values,)
             # The other outputs carry no gradient: one all-to-all for all of them.
@@ -111,6 +121,18 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
             packed = _arrange(self.layout.route_back(packed, self.num_codebooks, routed.peer_queries), batch, spatial)
             keys, indices, scores, counts = packed.split([self.dim_keys, 1, 1, 1], dim=-1)
             return values, keys, indices.long(), scores, counts
+
+    def values_at(self, indices: torch.Tensor) -> torch.Tensor:
+        problem = self.indices_problem(indices)
+        queries_per_rank = self._agree_on_input(problem, 0 if problem else indices.numel() // self.num_codebooks)
+        batch, num_codebooks, *rest = indices.shape
+        # Every (sample, t, position) is one query fetching one pair: [C, i, 1].
+        routed = self.layout.route_to_owners(indices.movedim(1, 0).reshape(num_codebooks, -1, 1), queries_per_rank)
+        if self.count_cluster_size:
+            hits = pair_counts(routed.owned_cik, self.key_value_pairs_per_codebook)
+            self.cluster_size_counter.add_(self.layout.all_reduce_replicas(hits))
+        values = self._values_to_requesters(routed.owned_cik, routed.peer_queries)  # [C, i, 1, v]
+        return values.reshape(num_codebooks, batch, *rest, self.dim_values).movedim(0, 1)
 
     def fraction_of_unused_keys(self) -> torch.Tensor:
         unused = (self.cluster_size_counter == 0).sum().double()

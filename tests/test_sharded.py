@@ -44,7 +44,12 @@ def run_protocol(module: KeyValueBottleneck, batches, loss_weights):
     for x in batches[:LEARNING_STEPS]:
         outputs.append([o.detach() for o in module(x)])
     module.freeze_keys()
-    outputs.append([o.detach() for o in module(batches[LEARNING_STEPS])])
+    frozen = [o.detach() for o in module(batches[LEARNING_STEPS])]
+    outputs.append(frozen)
+    # Cached indices fetch the same values (and count usage again).
+    cached = module.values_at(frozen[2][..., 0]).detach()
+    torch.testing.assert_close(cached, frozen[0])
+    outputs.append([cached])
     module.deactivate_counts()
     final = module(batches[LEARNING_STEPS + 1])
     outputs.append([o.detach() for o in final])

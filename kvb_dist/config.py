@@ -1,0 +1,227 @@
+"""Experiment configuration: one dataclass per section, a YAML file, dotted overrides.
+
+    config = load_config("configs/digits.yaml", ["train.lr=0.1", "run.name=try2"])
+
+Unknown sections or keys and values of the wrong type or outside their choices raise a
+ValueError that lists what is valid. World size is not configured here: it belongs to the
+launcher (torchrun / accelerate launch); only the number of shards per replica is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    seed: int = 0
+    checkpoint_every: int = 50  # training steps between checkpoints (and after every phase)
+    tracker: str = "wandb"  # wandb | none
+    wandb_mode: str = "auto"  # auto (online when logged in, else offline) | offline | online | disabled
+    wandb_project: str = "kvb_dist"
+    threads: int = 0  # torch threads per rank; 0 keeps torch's default
+
+
+@dataclass
+class DataSection:
+    dataset: str = "digits"  # digits | toy | cifar10
+    root: str = "data"  # where downloadable data sets are stored
+    test_fraction: float = 0.2  # digits / toy: held-out share per class
+    image_size: int = 64  # images are resized to this before the encoder
+    num_tasks: int = 5
+    classes_per_task: int = 2
+    init_dataset: str = "same"  # data for key initialization: same | cifar100 | uniform (toy)
+    samples_per_shard: int = 512
+    toy_samples_per_class: int = 500
+
+
+@dataclass
+class EncoderSection:
+    name: str = "efficientnet_lite0"  # efficientnet_lite0 | dino_resnet50 | dino_vits8 | identity
+    extracted_layer: int = 3  # dino_resnet50: which residual stage
+    pool_embedding: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class BottleneckSection:
+    num_codebooks: int = 64
+    key_value_pairs_per_codebook: int = 512
+    dim_keys: int = 8
+    dim_values: int = 10
+    splitting_mode: str = "random_projection"  # chunk | random_projection
+    decay: float = 0.95
+    eps: float = 1e-5
+    threshold_ema_dead_code: float = 0.0
+    topk: int = 1
+    values_init: str = "zeros"  # zeros | normal
+
+
+@dataclass
+class InitSection:
+    method: str = "kmeans"  # kmeans | ema | kmeans+ema
+    kmeans_iters: int = 10
+    ema_epochs: int = 1
+    batch_size: int = 256  # global batch for EMA epochs
+
+
+@dataclass
+class TrainSection:
+    settings: List[str] = field(default_factory=lambda: ["class_incremental", "iid"])
+    learners: List[str] = field(default_factory=lambda: ["kvb", "linear_probe", "mlp"])
+    batch_size: int = 64  # global batch; split evenly over ranks
+    steps_per_task: int = 100  # class-incremental: steps on each task
+    iid_steps: int = 300  # iid: steps on all classes at once
+    optimizer: str = "adam"  # adam | sgd (for the values)
+    lr: float = 0.01
+    baseline_lr: float = 0.001  # linear probe and MLP (Adam)
+    mlp_hidden: int = 256
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+    mask_unused_pairs: bool = True  # evaluate with never-used pairs excluded, as the paper
+
+
+@dataclass
+class ParallelSection:
+    num_shards: int = 0  # codebook shards per replica; 0 = every rank is a shard of one replica
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    bottleneck: BottleneckSection = field(default_factory=BottleneckSection)
+    init: InitSection = field(default_factory=InitSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "run.tracker": ("wandb", "none"),
+    "run.wandb_mode": ("auto", "offline", "online", "disabled"),
+    "data.dataset": ("digits", "toy", "cifar10"),
+    "data.init_dataset": ("same", "cifar100", "uniform"),
+    "encoder.name": ("efficientnet_lite0", "dino_resnet50", "dino_vits8", "identity"),
+    "bottleneck.splitting_mode": ("chunk", "random_projection"),
+    "bottleneck.values_init": ("zeros", "normal"),
+    "init.method": ("kmeans", "ema", "kmeans+ema"),
+    "train.settings": ("class_incremental", "iid"),
+    "train.learners": ("kvb", "linear_probe", "mlp"),
+    "train.optimizer": ("adam", "sgd"),
+}
+POSITIVE = {
+    "data.image_size", "data.num_tasks", "data.classes_per_task", "data.samples_per_shard",
+    "data.toy_samples_per_class", "encoder.batch_size", "bottleneck.num_codebooks",
+    "bottleneck.key_value_pairs_per_codebook", "bottleneck.dim_keys", "bottleneck.dim_values", "bottleneck.topk",
+    "init.batch_size", "train.batch_size", "train.mlp_hidden", "run.checkpoint_every",
+}
+
+
+def _sections() -> Dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+
+
+def _field_types(section_cls: type) -> Dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(path: str, value: Any, kind: Any, from_text: bool) -> Any:
+    """Check (or, for command-line text, convert) a value against the field's type."""
+    if typing.get_origin(kind) in (list, List):
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{path} must be a list of strings, got {value!r}")
+        return list(value)
+    if from_text and isinstance(value, str):
+        try:
+            if kind is bool:
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{path} must be of type {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{path} must be of type {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _set(config: Config, path: str, value: Any, from_text: bool) -> None:
+    sections = _sections()
+    section_name, _, key = path.partition(".")
+    if section_name not in sections:
+        raise ValueError(f"unknown config section {section_name!r}; valid sections: {sorted(sections)}")
+    types = _field_types(sections[section_name])
+    if key not in types:
+        raise ValueError(f"unknown config key {path!r}; valid keys in [{section_name}]: {sorted(types)}")
+    setattr(getattr(config, section_name), key, _coerce(path, value, types[key], from_text))
+
+
+def validate(config: Config) -> Config:
+    """Choices, ranges and cross-field rules; raises ValueError naming the key."""
+    for path, choices in CHOICES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(config, section), key)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                raise ValueError(f"{path}={item!r} is not valid; choose from {list(choices)}")
+    for path in POSITIVE:
+        section, key = path.split(".")
+        if getattr(getattr(config, section), key) < 1:
+            raise ValueError(f"{path} must be >= 1, got {getattr(getattr(config, section), key)}")
+    b = config.bottleneck
+    if b.topk > b.key_value_pairs_per_codebook:
+        raise ValueError(f"bottleneck.topk={b.topk} exceeds bottleneck.key_value_pairs_per_codebook")
+    if not 0.0 <= b.decay <= 1.0:
+        raise ValueError(f"bottleneck.decay must be in [0, 1], got {b.decay}")
+    if not 0.0 < config.data.test_fraction < 1.0:
+        raise ValueError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction}")
+    if config.parallel.num_shards < 0:
+        raise ValueError(f"parallel.num_shards must be >= 0, got {config.parallel.num_shards}")
+    if not config.train.settings or not config.train.learners:
+        raise ValueError("train.settings and train.learners must not be empty")
+    return config
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file's sections, then `section.key=value` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section {section!r} must be a mapping of keys to values")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value, from_text=False)
+    for override in overrides:
+        dotted, sep, value = override.partition("=")
+        if not sep or "." not in dotted:
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        _set(config, dotted.strip(), value.strip(), from_text=True)
+    return validate(config)
