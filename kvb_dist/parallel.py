@@ -164,6 +164,10 @@ class ParallelLayout:
             dist.broadcast(tensor, src=src, group=self.world_group)
         return tensor
 
+    def barrier(self) -> None:
+        if self.world_group is not None:
+            dist.barrier(group=self.world_group)
+
     def shard_peers(self, per_rank: Sequence) -> list:
         """The entries of a per-rank list that belong to the ranks of my shard group."""
         first = self.replica_index * self.num_shards

@@ -143,33 +143,32 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
     # ------------------------------------------------------------------------------------------
     # State: per-shard via state_dict(); the full state for one process or another layout.
 
+    def gather_codebooks(self, local: torch.Tensor) -> torch.Tensor:
+        """[C_mine, ...] per-codebook tensor -> [C, ...] for all codebooks (collective: every rank calls)."""
+        ranges = self.layout.codebook_ranges(self.num_codebooks)
+        padded = local.new_zeros(max(b - a for a, b in ranges), *local.shape[1:])
+        padded[: local.shape[0]] = local
+        gathered = self.layout.all_gather_world(padded)
+        # Replica 0's shard ranks hold every codebook once, in order.
+        return torch.cat([gathered[s, : b - a] for s, (a, b) in enumerate(ranges)])
+
+    def local_codebooks(self, full: torch.Tensor) -> torch.Tensor:
+        """[C, ...] -> the rows of the codebooks this rank holds."""
+        if full.shape[0] != self.num_codebooks:
+            raise ValueError(f"expected a tensor of num_codebooks={self.num_codebooks} rows, got shape {tuple(full.shape)}")
+        start, stop = self.layout.codebook_range(self.num_codebooks)
+        return full[start:stop]
+
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The state of all codebooks, loadable by KeyValueBottleneck (collective: call on every rank)."""
-        ranges = self.layout.codebook_ranges(self.num_codebooks)
-        widest = max(b - a for a, b in ranges)
-        full = {}
-        for name, tensor in self.state_dict().items():
-            if name in _PER_CODEBOOK:
-                padded = tensor.new_zeros(widest, *tensor.shape[1:])
-                padded[: tensor.shape[0]] = tensor
-                gathered = self.layout.all_gather_world(padded)
-                # Replica 0's shard ranks hold every codebook once, in order.
-                tensor = torch.cat([gathered[s, : b - a] for s, (a, b) in enumerate(ranges)])
-            full[name] = tensor.detach().clone()
-        return full
+        return {
+            name: (self.gather_codebooks(t) if name in _PER_CODEBOOK else t).detach().clone()
+            for name, t in self.state_dict().items()
+        }
 
     def load_full_state_dict(self, full: Dict[str, torch.Tensor], strict: bool = True):
         """Load a full (single-process or gathered) state, keeping the codebooks this rank holds."""
-        start, stop = self.layout.codebook_range(self.num_codebooks)
-        mine = {}
-        for name, tensor in full.items():
-            if name in _PER_CODEBOOK:
-                if tensor.shape[0] != self.num_codebooks:
-                    raise ValueError(
-                        f"state entry '{name}' has {tensor.shape[0]} codebooks, expected num_codebooks={self.num_codebooks}"
-                    )
-                tensor = tensor[start:stop]
-            mine[name] = tensor
+        mine = {name: self.local_codebooks(t) if name in _PER_CODEBOOK else t for name, t in full.items()}
         return self.load_state_dict(mine, strict=strict)
 
 

@@ -1,0 +1,118 @@
+"""Evaluate phase: summary metrics, plots and the final table from the training records.
+
+Average accuracy: mean over tasks of the accuracy after the last training task (all classes
+seen). Forgetting (class-incremental): mean over earlier tasks of the drop from their best
+accuracy to their final accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+from kvb_dist import checkpoint
+from kvb_dist.phases import train
+
+logger = logging.getLogger(__name__)
+
+
+def summarize(record: Dict) -> Dict:
+    matrix: List[List[float]] = record["accuracy"]
+    final = matrix[-1]
+    summary = {"average_accuracy": sum(final) / len(final), "final_accuracy_per_task": final}
+    if record["setting"] == "class_incremental" and len(matrix) > 1:
+        drops = [max(row[j] for row in matrix[:-1]) - final[j] for j in range(len(matrix) - 1)]
+        summary["forgetting"] = sum(drops) / len(drops)
+    if "unused_keys" in record:
+        summary["unused_keys"] = record["unused_keys"]
+    return summary
+
+
+def plot_accuracy_matrix(record: Dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = record["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(matrix[0]), 1.0 + 0.6 * len(matrix)))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training task")
+    ax.set_title(f"{record['learner']} ({record['setting']})")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_key_usage(usage: List[float], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist([u for u in usage], bins=50, log=True)
+    ax.set_xlabel("times a pair was fetched during training")
+    ax.set_ylabel("pairs")
+    unused = sum(1 for u in usage if u == 0) / max(len(usage), 1)
+    ax.set_title(f"{title}: {unused:.1%} of pairs unused")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(results: Dict[str, Dict[str, Dict]]) -> str:
+    settings = sorted({s for by_setting in results.values() for s in by_setting})
+    lines = [f"{'learner':<14}" + "".join(f"{s:>20}" for s in settings)]
+    for learner, by_setting in results.items():
+        cells = "".join(
+            f"{by_setting[s]['average_accuracy']:>20.3f}" if s in by_setting else f"{'-':>20}" for s in settings
+        )
+        lines.append(f"{learner:<14}{cells}")
+    return "\n".join(lines)
+
+
+def run(ctx) -> Dict:
+    """Reads every stream's record; rank 0 writes results.json and the plots; returns the summary."""
+    config = ctx.config
+    results: Dict[str, Dict[str, Dict]] = {}
+    images = {}
+    plots = ctx.path("plots")
+    for learner in config.train.learners:
+        for setting in config.train.settings:
+            saved = checkpoint.load(train.stream_checkpoint(ctx, setting, learner))
+            if saved is None or not saved["done"]:
+                raise ValueError(f"no finished training for {setting} / {learner}: run the train phase first")
+            record = saved["record"]
+            results.setdefault(learner, {})[setting] = summarize(record)
+            if ctx.is_main:
+                plots.mkdir(parents=True, exist_ok=True)
+                images[f"plots/accuracy_{setting}_{learner}"] = plot_accuracy_matrix(
+                    record, plots / f"accuracy_{setting}_{learner}.png"
+                )
+                if "key_usage" in record:
+                    images[f"plots/key_usage_{setting}"] = plot_key_usage(
+                        record["key_usage"], plots / f"key_usage_{setting}.png", f"kvb ({setting})"
+                    )
+    summary = {"results": results, "table": format_table(results), "plots": str(plots)}
+    if ctx.is_main:
+        ctx.path("results.json").write_text(json.dumps(summary, indent=2))
+        flat = {
+            f"final/{setting}/{learner}/{name}": value
+            for learner, by_setting in results.items()
+            for setting, metrics in by_setting.items()
+            for name, value in metrics.items()
+            if isinstance(value, float)
+        }
+        ctx.tracker.log(flat)
+        ctx.tracker.log_images(images)
+    return summary

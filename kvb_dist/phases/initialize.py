@@ -1,0 +1,112 @@
+"""Initialize phase: fit the keys on the embedding shards, freeze them, checkpoint.
+
+k-means streams the shards (distributed, sharded like the bottleneck); EMA epochs run the
+bottleneck with learning keys over the same stream, as the original code initializes keys.
+The checkpoint holds the splitter and the full bottleneck state, so training can start on any
+world size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvb_dist import checkpoint
+from kvb_dist.data.shards import INDEX_NAME, ShardIndex
+from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
+from kvb_dist.phases.freeze import embeddings_dir
+from kvb_dist.sharded import ShardedKeyValueBottleneck
+from kvb_dist.splitters import Chunker, RandomDownProjection
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_path(ctx):
+    return ctx.path("checkpoints", "initialize.pt")
+
+
+def build_splitter(config, num_channels: int) -> torch.nn.Module:
+    """Embedding [b, d] -> heads; identical on every rank (seeded)."""
+    b = config.bottleneck
+    torch.manual_seed(config.run.seed)
+    if b.splitting_mode == "chunk":
+        return Chunker(b.num_codebooks, num_channels, b.dim_keys)
+    return RandomDownProjection(b.num_codebooks, num_channels, b.dim_keys)
+
+
+def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """[b, d] -> [b, C, k] (the splitter works on channel-last [b, n, d])."""
+    with torch.no_grad():
+        return splitter(features[:, None, :])[:, :, 0, :]
+
+
+def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyValueBottleneck:
+    b = config.bottleneck
+    return ShardedKeyValueBottleneck(
+        b.num_codebooks,
+        b.key_value_pairs_per_codebook,
+        b.dim_keys,
+        b.dim_values,
+        init_mode=init_mode,
+        decay=b.decay,
+        eps=b.eps,
+        threshold_ema_dead_code=b.threshold_ema_dead_code,
+        topk=b.topk,
+        return_values_only=False,
+        layout=layout,
+        seed=config.run.seed,
+    )
+
+
+def init_folder(ctx):
+    folder = embeddings_dir(ctx, "init")
+    return folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")
+
+
+def run(ctx) -> None:
+    config, layout = ctx.config, ctx.layout
+    if checkpoint_path(ctx).is_file():
+        logger.info("initialize: keys already fitted, skipping")
+        return
+    index = ShardIndex.load(str(init_folder(ctx)))
+    num_channels = int(index.feature_shape[-1])
+    splitter = build_splitter(config, num_channels)
+    bottleneck = build_bottleneck(config, layout).to(ctx.device)
+    method = config.init.method
+    sse = []
+    if "kmeans" in method:
+        stream = ShardStream(index, batch_size=config.init.batch_size, rank=layout.rank, world_size=layout.world_size, seed=config.run.seed)
+        result = kmeans_from_stream(
+            stream,
+            config.bottleneck.key_value_pairs_per_codebook,
+            layout,
+            num_iters=config.init.kmeans_iters,
+            seed=config.run.seed,
+            to_heads=lambda x: to_heads(splitter, x),
+        )
+        result.install_(bottleneck)
+        sse = [float(v) for v in result.sse_history]
+        for iteration, value in enumerate(sse):
+            ctx.tracker.log({"init/kmeans_sse": value, "init/kmeans_iteration": iteration})
+        logger.info("initialize: k-means SSE per iteration %s", ", ".join(f"{v:.4g}" for v in sse))
+    if "ema" in method:
+        local_batch = max(1, config.init.batch_size // layout.world_size)
+        num_batches = agreed_num_batches(index, local_batch, layout.world_size)
+        stream = ShardStream(
+            index, batch_size=local_batch, rank=layout.rank, world_size=layout.world_size,
+            seed=config.run.seed, batches_per_epoch=num_batches,
+        )
+        step = 0
+        for epoch in range(config.init.ema_epochs):
+            stream.set_epoch(epoch)
+            for batch in lockstep(stream, layout.all_reduce_world):
+                bottleneck(to_heads(splitter, batch.x.to(ctx.device)))
+                step += 1
+            dead = float((bottleneck.cluster_size < max(config.bottleneck.threshold_ema_dead_code, 1e-12)).float().mean())
+            ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/low_usage_pairs": dead})
+    bottleneck.freeze_keys()
+    state = {"splitter": splitter.state_dict(), "bottleneck": bottleneck.full_state_dict(), "kmeans_sse": sse}
+    if ctx.is_main:
+        checkpoint.save_atomic(state, checkpoint_path(ctx))
+    layout.barrier()

@@ -1,0 +1,368 @@
+"""Train phase: values (and baselines) on the task stream, evaluated after every task.
+
+Streams: every (setting, learner) pair, e.g. (class_incremental, kvb). Class-incremental
+trains task after task on that task's classes only; iid trains once on all classes. After
+each training task every task's test set is evaluated: row t of the accuracy matrix.
+
+The global batch of step s is a pure function of (seed, stream, task, s); rank r uses its
+r-th slice of it. So a run computes the same on any number of ranks (the sharded bottleneck
+is exact, dense gradients are averaged), and a run resumed from a checkpoint continues
+exactly where it stopped.
+
+Keys are frozen here: each training sample's key indices are looked up once and cached, and
+a training step is a gather of values (`values_at`), no encoder and no lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kvb_dist import checkpoint
+from kvb_dist.codebook import counter_randint
+from kvb_dist.data.stream import ShardStream
+from kvb_dist.decoders import MLP, LinearProbe
+from kvb_dist.parallel import shard_ranges
+from kvb_dist.phases import initialize
+from kvb_dist.phases.freeze import embeddings_dir
+
+logger = logging.getLogger(__name__)
+
+SETTING_TAGS = {"class_incremental": 1, "iid": 2}
+LEARNER_TAGS = {"kvb": 1, "linear_probe": 2, "mlp": 3}
+LOOKUP_CHUNK = 512  # samples per lookup call when caching indices / evaluating
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_split(folder) -> Dict[str, torch.Tensor]:
+    """A whole embedding shard set in memory, in key order: features [N, d], labels [N]."""
+    stream = ShardStream(str(folder), batch_size=4096, shuffle_shards=False)
+    keys, features, labels = [], [], []
+    for batch in stream:
+        keys += list(batch.keys)
+        features.append(batch.x.reshape(batch.x.shape[0], -1))
+        labels.append(batch.labels)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return {"features": torch.cat(features)[order], "labels": torch.cat(labels)[order].long()}
+
+
+def task_classes(config) -> List[List[int]]:
+    per = config.data.classes_per_task
+    return [list(range(t * per, (t + 1) * per)) for t in range(config.data.num_tasks)]
+
+
+def rows_of(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    return torch.nonzero(torch.isin(labels, torch.tensor(classes)), as_tuple=True)[0]
+
+
+def global_batch(pool: torch.Tensor, size: int, seed: int, stream: int, task: int, step: int) -> torch.Tensor:
+    """Rows of the global batch of a step: a pure function of its arguments."""
+    picks = counter_randint(torch.tensor(seed), len(pool), torch.tensor(stream), torch.tensor(task), torch.tensor(step), torch.arange(size))
+    return pool[picks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Learners: logits for training rows and for features; state for checkpoints.
+
+
+class BottleneckLearner:
+    """Frozen splitter and keys; values trained; decoder = voting (mean of fetched values)."""
+
+    sharded = True
+
+    def __init__(self, ctx, init_state, train):
+        self.ctx = ctx
+        config = ctx.config
+        self.splitter = initialize.build_splitter(config, train["features"].shape[1])
+        self.splitter.load_state_dict(init_state["splitter"])
+        self.bottleneck = initialize.build_bottleneck(config, ctx.layout).to(ctx.device)
+        self.bottleneck.load_full_state_dict(init_state["bottleneck"])
+        self.bottleneck.freeze_keys()
+        if config.bottleneck.values_init == "zeros":
+            with torch.no_grad():
+                self.bottleneck.values.zero_()
+        self.train_indices = self.lookup_indices(train["features"])  # [N, C, t]
+        self.bottleneck.reset_cluster_size_counter()  # usage counts training steps only
+
+    def parameters(self):
+        return [self.bottleneck.values]
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        return initialize.to_heads(self.splitter, features.to(self.ctx.device))
+
+    def lookup_indices(self, features: torch.Tensor) -> torch.Tensor:
+        """Indices [N, C, t] of every sample: each rank looks up a part, all gather the whole."""
+        layout = self.ctx.layout
+        ranges = shard_ranges(features.shape[0], layout.world_size)
+        start, stop = ranges[layout.rank]
+        widest = max(b - a for a, b in ranges)
+        parts = []
+        with torch.no_grad():
+            for first in range(0, widest, LOOKUP_CHUNK):  # same number of calls on every rank
+                rows = slice(start + first, min(start + first + LOOKUP_CHUNK, stop))
+                parts.append(self.bottleneck(self.heads(features[rows]))[2][..., 0].cpu())
+        topk = self.bottleneck.topk
+        mine = torch.cat(parts) if parts else torch.zeros(0, self.bottleneck.num_codebooks, topk, dtype=torch.long)
+        padded = mine.new_zeros(widest, *mine.shape[1:])
+        padded[: mine.shape[0]] = mine
+        gathered = layout.all_gather_world(padded)
+        return torch.cat([gathered[r, : b - a] for r, (a, b) in enumerate(ranges)])
+
+    def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        values = self.bottleneck.values_at(self.train_indices[rows].to(self.ctx.device))  # [b, C, t, v]
+        return values.mean(dim=(1, 2))
+
+    def eval_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(self.heads(features))[0].mean(dim=(1, 2))
+
+    def state(self) -> Dict:
+        return {"bottleneck": self.bottleneck.full_state_dict()}
+
+    def load(self, state: Dict) -> None:
+        self.bottleneck.load_full_state_dict(state["bottleneck"])
+
+    def full_optimizer_state(self, optimizer) -> Dict:
+        return _map_tensors(optimizer.state_dict(), self.bottleneck.gather_codebooks, self.bottleneck.values.shape[0])
+
+    def load_optimizer_state(self, optimizer, state: Dict) -> None:
+        optimizer.load_state_dict(_map_tensors(state, self.bottleneck.local_codebooks, self.bottleneck.num_codebooks))
+
+
+class DenseLearner:
+    """Linear probe or MLP on the embeddings, replicated, gradients averaged over ranks."""
+
+    sharded = False
+
+    def __init__(self, ctx, name, train):
+        config = ctx.config
+        torch.manual_seed(config.run.seed)  # same initial weights on every rank
+        in_features, num_classes = train["features"].shape[1], config.bottleneck.dim_values
+        if name == "linear_probe":
+            self.model = LinearProbe(in_features, num_classes)
+        else:
+            self.model = MLP(in_features, config.train.mlp_hidden, num_classes)
+        self.model.to(ctx.device)
+        self.ctx, self.train = ctx, train
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def train_logits(self, rows):
+        return self.model(self.train["features"][rows].to(self.ctx.device))
+
+    def eval_logits(self, features):
+        return self.model(features.to(self.ctx.device))
+
+    def state(self):
+        return {"model": self.model.state_dict()}
+
+    def load(self, state):
+        self.model.load_state_dict(state["model"])
+
+    def full_optimizer_state(self, optimizer):
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer, state):
+        optimizer.load_state_dict(state)
+
+
+def _map_tensors(state: Dict, fn, rows: int) -> Dict:
+    """Applies fn to the optimizer-state tensors shaped like the (sharded) values."""
+
+    def visit(value):
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == rows:
+            return fn(value)
+        if isinstance(value, dict):
+            return {k: visit(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [visit(v) for v in value]
+        return value
+
+    return visit(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def make_optimizer(config, learner):
+    if isinstance(learner, BottleneckLearner):
+        if config.train.optimizer == "sgd":
+            return torch.optim.SGD(learner.parameters(), lr=config.train.lr)
+        return torch.optim.Adam(learner.parameters(), lr=config.train.lr)
+    return torch.optim.Adam(learner.parameters(), lr=config.train.baseline_lr)
+
+
+def clip_gradients_(learner, max_norm: float, layout) -> float:
+    """Clips by the global gradient norm; sharded gradients are summed over the shard groups."""
+    squares = sum(p.grad.pow(2).sum() for p in learner.parameters() if p.grad is not None)
+    squares = torch.as_tensor(squares, dtype=torch.float64)
+    if learner.sharded:  # each replica group holds every codebook once
+        squares = layout.all_reduce_world(squares.clone()) / layout.num_replicas
+    norm = float(squares.sqrt())
+    if norm > max_norm:
+        for p in learner.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def train_step(ctx, learner, optimizer, rows, labels) -> torch.Tensor:
+    config, layout = ctx.config, ctx.layout
+    optimizer.zero_grad(set_to_none=True)
+    logits = learner.train_logits(rows)
+    loss = F.cross_entropy(logits, labels.to(logits.device), label_smoothing=config.train.label_smoothing)
+    loss.backward()
+    if not learner.sharded:  # replicated parameters: average the gradients (the mean over the global batch)
+        for p in learner.parameters():
+            if p.grad is not None:
+                layout.all_reduce_world(p.grad).div_(layout.world_size)
+    if config.train.grad_clip > 0:
+        clip_gradients_(learner, config.train.grad_clip, layout)
+    optimizer.step()
+    return loss.detach()
+
+
+def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
+    """Accuracy on each task's test samples; each rank evaluates a part, counts are summed."""
+    layout = ctx.layout
+    masking = isinstance(learner, BottleneckLearner) and ctx.config.train.mask_unused_pairs
+    if masking:  # never-used pairs are excluded from the lookup, as in the paper
+        learner.bottleneck.deactivate_counts()
+    ranges = shard_ranges(test["labels"].shape[0], layout.world_size)
+    start, stop = ranges[layout.rank]
+    widest = max(b - a for a, b in ranges)
+    predictions = []
+    with torch.no_grad():
+        for first in range(0, widest, LOOKUP_CHUNK):
+            rows = slice(start + first, min(start + first + LOOKUP_CHUNK, stop))
+            predictions.append(learner.eval_logits(test["features"][rows]).argmax(-1).cpu())
+    if masking:
+        learner.bottleneck.activate_counts()
+    predicted = torch.cat(predictions)
+    labels = test["labels"][start:stop]
+    counts = torch.zeros(len(tasks), 2, dtype=torch.float64)
+    for t, classes in enumerate(tasks):
+        mask = torch.isin(labels, torch.tensor(classes))
+        counts[t, 0] = (predicted[mask] == labels[mask]).sum()
+        counts[t, 1] = mask.sum()
+    counts = layout.all_reduce_world(counts)
+    return (counts[:, 0] / counts[:, 1].clamp(min=1)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+def stream_checkpoint(ctx, setting: str, learner_name: str):
+    return ctx.path("checkpoints", f"train-{setting}-{learner_name}.pt")
+
+
+def build_learner(ctx, name, init_state, train):
+    if name == "kvb":
+        return BottleneckLearner(ctx, init_state, train)
+    return DenseLearner(ctx, name, train)
+
+
+def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) -> Dict:
+    """Trains one learner on one setting (resuming from its checkpoint); returns its record."""
+    config, layout = ctx.config, ctx.layout
+    path = stream_checkpoint(ctx, setting, learner_name)
+    saved = checkpoint.load(path)
+    if saved is not None and saved["done"]:
+        logger.info("train: %s / %s already done", setting, learner_name)
+        return saved["record"]
+    tasks = task_classes(config)
+    plan = [(t, classes) for t, classes in enumerate(tasks)] if setting == "class_incremental" else [(0, sum(tasks, []))]
+    steps_per_task = config.train.steps_per_task if setting == "class_incremental" else config.train.iid_steps
+    if config.train.batch_size % layout.world_size:
+        raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the world size {layout.world_size}")
+    local = config.train.batch_size // layout.world_size
+
+    learner = build_learner(ctx, learner_name, init_state, train)
+    optimizer = make_optimizer(config, learner)
+    record = {"setting": setting, "learner": learner_name, "tasks": tasks, "accuracy": [], "losses": []}
+    task_index, step = 0, 0
+    if saved is not None:
+        learner.load(saved["learner"])
+        learner.load_optimizer_state(optimizer, saved["optimizer"])
+        record, task_index, step = saved["record"], saved["task"], saved["step"]
+        logger.info("train: %s / %s resumes at task %d step %d", setting, learner_name, task_index, step)
+
+    def save(done: bool) -> None:
+        state = {
+            "learner": learner.state(),
+            "optimizer": learner.full_optimizer_state(optimizer),
+            "record": record, "task": task_index, "step": step, "done": done,
+        }
+        if ctx.is_main:
+            checkpoint.save_atomic(state, path)
+        layout.barrier()
+
+    stream_tag = SETTING_TAGS[setting] * 10 + LEARNER_TAGS[learner_name]
+    prefix = f"{setting}/{learner_name}"
+    while task_index < len(plan):
+        t, classes = plan[task_index]
+        pool = rows_of(train["labels"], classes)
+        progress = tqdm(total=steps_per_task, initial=step, desc=f"{prefix} task {t}", disable=not ctx.is_main, leave=False)
+        started, started_step = time.perf_counter(), step
+        while step < steps_per_task:
+            rows = global_batch(pool, config.train.batch_size, config.run.seed, stream_tag, t, step)
+            rows = rows[layout.rank * local : (layout.rank + 1) * local]
+            loss = train_step(ctx, learner, optimizer, rows, train["labels"][rows])
+            step += 1
+            progress.update(1)
+            if step % 10 == 0 or step == steps_per_task:
+                elapsed = time.perf_counter() - started
+                samples_per_s = (step - started_step) * config.train.batch_size / max(elapsed, 1e-9)
+                ctx.tracker.log({f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s})
+                record["losses"].append(float(loss))
+            if step % config.run.checkpoint_every == 0 and step < steps_per_task:
+                save(done=False)
+        progress.close()
+        row = accuracy_per_task(ctx, learner, test, tasks)
+        record["accuracy"].append(row)
+        seen = row[: t + 1] if setting == "class_incremental" else row
+        metrics = {f"{prefix}/accuracy_task_{j}": a for j, a in enumerate(row)}
+        metrics[f"{prefix}/accuracy_seen"] = sum(seen) / len(seen)
+        if isinstance(learner, BottleneckLearner):
+            record["unused_keys"] = float(learner.bottleneck.fraction_of_unused_keys())
+            metrics[f"{prefix}/unused_keys"] = record["unused_keys"]
+        ctx.tracker.log(metrics)
+        if ctx.is_main:
+            logger.info("%s after task %d: %s", prefix, t, " ".join(f"{a:.3f}" for a in row))
+        task_index, step = task_index + 1, 0
+        if task_index < len(plan):
+            save(done=False)
+    if isinstance(learner, BottleneckLearner):
+        record["key_usage"] = learner.bottleneck.gather_codebooks(learner.bottleneck.cluster_size_counter).flatten().tolist()
+    save(done=True)
+    return record
+
+
+def run(ctx) -> List[Dict]:
+    config = ctx.config
+    train = load_split(embeddings_dir(ctx, "train"))
+    test = load_split(embeddings_dir(ctx, "test"))
+    init_state = checkpoint.load(initialize.checkpoint_path(ctx))
+    if init_state is None and "kvb" in config.train.learners:
+        raise ValueError(f"no fitted keys at {initialize.checkpoint_path(ctx)}: run the initialize phase first")
+    num_classes = len(sum(task_classes(config), []))
+    if num_classes > config.bottleneck.dim_values:
+        raise ValueError(
+            f"{num_classes} classes in the task stream need bottleneck.dim_values >= {num_classes} (voting decoder)"
+        )
+    return [
+        run_stream(ctx, setting, learner, init_state, train, test)
+        for setting in config.train.settings
+        for learner in config.train.learners
+    ]

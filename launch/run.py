@@ -1,0 +1,97 @@
+"""kvb_dist launcher: freeze -> initialize -> train -> evaluate, from a config in configs/.
+
+One process:
+    python launch/run.py --config configs/digits.yaml
+One node, N ranks (torchrun):
+    torchrun --standalone --nproc_per_node 2 launch/run.py --config configs/digits.yaml
+One node on CPU with Accelerate (N processes, gloo):
+    accelerate launch --config_file launch/accelerate_cpu.yaml launch/run.py --config configs/digits.yaml
+One node with several GPUs:
+    accelerate launch --config_file launch/accelerate_multi_gpu.yaml launch/run.py --config configs/cifar10_dino.yaml
+Several nodes (run on every node, NODE_RANK = 0 .. N-1, HEAD = the IP of node 0):
+    accelerate launch --config_file launch/accelerate_multi_node.yaml --machine_rank $NODE_RANK \\
+        --main_process_ip $HEAD launch/run.py --config configs/cifar10_dino.yaml
+
+Overrides follow the config: `train.lr=0.1 run.name=try2`. `--phases train evaluate` runs only
+those phases. Running the same command again after a crash resumes from the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import List, Optional
+
+# Allow `python launch/run.py` from a checkout without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from kvb_dist.config import load_config  # noqa: E402
+from kvb_dist.phases import PHASES, RunContext, run_phases  # noqa: E402
+
+logger = logging.getLogger("kvb_dist")
+
+
+def parse_args(argv: Optional[List[str]]):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: the built-in defaults = the digits demo)")
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if config.run.threads > 0:
+        torch.set_num_threads(config.run.threads)
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    from kvb_dist.parallel import ParallelLayout
+    from kvb_dist.tracking import Tracker
+
+    # Without a GPU, Accelerator(cpu=True) is what makes torchrun / accelerate launch start a
+    # gloo process group; a plain Accelerator() would report one process on every rank.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with="wandb" if config.run.tracker == "wandb" else None,
+        project_dir=str(config.run_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))],
+    )
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(name)s: %(message)s",
+    )
+    layout = ParallelLayout.build(config.parallel.num_shards or None)
+    logger.info(
+        "run %s: %d rank(s) = %d replica(s) x %d shard(s), device %s",
+        config.run_dir, layout.world_size, layout.num_replicas, layout.num_shards, accelerator.device,
+    )
+    if accelerator.is_main_process:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    try:
+        tracker = Tracker(accelerator, config, config.run_dir)
+        ctx = RunContext(config=config, layout=layout, tracker=tracker, device=accelerator.device)
+        summary = run_phases(ctx, args.phases)
+        if accelerator.is_main_process and summary:
+            print("\nfinal average accuracy (all classes, after the last task)")
+            print(summary["table"])
+            print(f"\nresults: {config.run_dir / 'results.json'}\nplots:   {summary['plots']}")
+    finally:
+        if tracker is not None:
+            tracker.finish()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
