@@ -149,8 +149,8 @@ def nearest_keys(
 def pair_counts(indices_cit: torch.Tensor, num_pairs: int) -> torch.Tensor:
     """counts[c, j]: how many times pair j of codebook c appears in indices."""
     num_codebooks = indices_cit.shape[0]
-    offsets = torch.arange(num_codebooks, device=indices_cit.device)[:, None] * num_pairs
-    flat = (indices_cit.reshape(num_codebooks, -1) + offsets).reshape(-1)
+    offsets = torch.arange(num_codebooks, device=indices_cit.device) * num_pairs
+    flat = (indices_cit + offsets.view(-1, *[1] * (indices_cit.ndim - 1))).reshape(-1)
     counts = torch.bincount(flat, minlength=num_codebooks * num_pairs)
     return counts.view(num_codebooks, num_pairs).to(torch.float32)
 

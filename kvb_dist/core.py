@@ -60,9 +60,9 @@ class Lookup(NamedTuple):
     """What a lookup finds for a slice of codebooks; each [c, i, t, ...]."""
 
     indices: torch.Tensor  # [c, i, t] pair index within its codebook
-    scores: torch.Tensor  # [c, i, t] -||query - key||^2
     counts: torch.Tensor  # [c, i, t] cluster_size_counter of the fetched pair before this step
-    keys: Optional[torch.Tensor]  # [c, i, t, k] keys before this step's EMA update (if asked for)
+    keys: Optional[torch.Tensor]  # [c, i, t, k] keys before this step's EMA update (with_details)
+    scores: Optional[torch.Tensor]  # [c, i, t] -||query - key||^2, differentiable w.r.t. the query
 
 
 class KeyValueBottleneck(nn.Module):
@@ -163,7 +163,7 @@ class KeyValueBottleneck(nn.Module):
                 first_query_id=0,
                 num_global_queries=queries_cik.shape[1],
                 reduce_sum=no_reduce,
-                with_keys=not self.return_values_only,
+                with_details=not self.return_values_only,
             )
             # Arrange the (small) indices first, so the values land in the output layout directly.
             flat = _arrange(self._flat_indices(lookup.indices), batch, spatial)
@@ -243,7 +243,7 @@ class KeyValueBottleneck(nn.Module):
         first_query_id: int,
         num_global_queries: int,
         reduce_sum: Reduce,
-        with_keys: bool = False,
+        with_details: bool = False,
     ) -> Lookup:
         """Lookup (and, while keys learn, the EMA step) for the codebooks held here.
 
@@ -255,35 +255,42 @@ class KeyValueBottleneck(nn.Module):
         device = queries_cik.device
         seed, step = self.random_state[0], self.random_state[1]
         learning = self.update_keys
+        # Key statistics never carry gradients (heads may require grad, e.g. a learned splitter).
+        detached = queries_cik.detach()
         if learning and not bool(self.initted.item()):
-            self._kmeans_init_(queries_cik, first_query_id, num_global_queries, reduce_sum)
+            self._kmeans_init_(detached, first_query_id, num_global_queries, reduce_sum)
 
         excluded = None if self.count_cluster_size else self.cluster_size_counter == 0
-        indices, scores = nearest_keys(
-            queries_cik,
-            self.keys,
-            topk=1 if learning else self.topk,
-            temperature=self.sample_codebook_temperature,
-            excluded_cj=excluded,
-            noise_seed=counter_hash(seed, torch.tensor(_TAG_NOISE), step),
-            codebook_ids=torch.arange(num_local, device=device) + self.first_codebook,
-            query_ids=torch.arange(num_queries, device=device) + first_query_id,
-            chunk_elements=self.chunk_elements,
-        )
+        # The search needs no graph; distances of the fetched keys are recomputed below.
+        with torch.no_grad():
+            indices, _ = nearest_keys(
+                queries_cik,
+                self.keys,
+                topk=1 if learning else self.topk,
+                temperature=self.sample_codebook_temperature,
+                excluded_cj=excluded,
+                noise_seed=counter_hash(seed, torch.tensor(_TAG_NOISE), step),
+                codebook_ids=torch.arange(num_local, device=device) + self.first_codebook,
+                query_ids=torch.arange(num_queries, device=device) + first_query_id,
+                chunk_elements=self.chunk_elements,
+            )
         flat = self._flat_indices(indices)
-        keys = self.keys.reshape(-1, self.dim_keys)[flat] if with_keys else None
         counts = self.cluster_size_counter.reshape(-1)[flat]
+        keys = scores = None
+        if with_details:  # copies taken before the EMA update below changes the keys in place
+            keys = self.keys.reshape(-1, self.dim_keys)[flat]
+            scores = -(queries_cik[:, :, None, :] - keys).pow(2).sum(-1)
 
         if learning:
-            pair_hits, sums = assignment_statistics(queries_cik, indices[..., 0], num_pairs)
+            pair_hits, sums = assignment_statistics(detached, indices[..., 0], num_pairs)
             pair_hits, sums = reduce_sum(pair_hits), reduce_sum(sums)
             if num_global_queries > 0:
                 ema_update_(self.keys, self.keys_avg, self.cluster_size, pair_hits, sums, self.decay, self.eps)
-                self._replace_dead_pairs_(queries_cik, first_query_id, num_global_queries, reduce_sum)
+                self._replace_dead_pairs_(detached, first_query_id, num_global_queries, reduce_sum)
         elif self.count_cluster_size:
             self.cluster_size_counter.add_(reduce_sum(pair_counts(indices, num_pairs)))
         self.random_state[1] += 1
-        return Lookup(indices, scores, counts, keys)
+        return Lookup(indices, counts, keys, scores)
 
     def _replace_dead_pairs_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
         """Pairs with cluster_size < threshold get a random head of the global batch as key.

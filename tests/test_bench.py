@@ -1,0 +1,71 @@
+"""The benchmark keeps working (tiny sizes, seconds). Timings are not asserted: they depend on
+the machine and on whatever else runs on it."""
+
+import json
+
+import pytest
+import torch
+
+from kvb_dist import bench
+from kvb_dist.codebook import nearest_keys
+
+TINY = bench.BenchSize(num_codebooks=4, num_pairs=64, dim_keys=4, dim_values=3, batch=8)
+
+
+@pytest.mark.parametrize("chunk_elements", [100, 1 << 22])
+def test_floor_finds_the_same_keys_as_the_bottleneck(chunk_elements):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 37, 6, generator=generator)
+    keys = torch.randn(5, 50, 6, generator=generator)
+    expected, _ = nearest_keys(queries, keys)
+    assert torch.equal(bench.floor_lookup(queries, keys, chunk_elements), expected[..., 0])
+
+
+def test_every_step_runs_at_a_tiny_size():
+    implementations = ["ours", "floor"] + (["vq"] if bench.vq_available() else [])
+    for measure, builders in bench.STEPS.items():
+        for implementation in implementations:
+            builders[implementation](TINY)()
+    bottleneck_step = bench.ours_frozen_fwd_bwd(TINY)
+    bottleneck_step()  # twice: the step must leave the module ready for the next one
+    bottleneck_step()
+
+
+@pytest.mark.timeout(120)
+def test_run_reports_timings_memory_and_targets():
+    report = bench.run({"paper": TINY}, threads=1, warmup=1, repeats=2, log=lambda line: None)
+    json.dumps(report)  # what --json writes
+    result = report["results"]["paper"]
+    implementations = {"ours", "floor"} | ({"vq"} if bench.vq_available() else set())
+    for measure in bench.STEPS:
+        assert set(result[measure]) == implementations
+        assert all(timing["median_ms"] > 0 and timing["repeats"] == 2 for timing in result[measure].values())
+    for implementation, probe in result["peak_rss"].items():
+        assert "error" not in probe, probe
+        # A fresh process: its peak includes torch but nothing of this test process.
+        assert probe["rss_after_import_torch_mb"] <= probe["peak_mb"] < 2000
+        assert probe["step_peak_mb"] <= probe["peak_mb"]
+    targets = {check["target"] for check in report["targets"]}
+    assert any("floor" in target for target in targets) and any("RSS" in target for target in targets)
+    table = bench.format_table(report["results"], report["targets"])
+    assert "ema_step" in table and ("PASS" in table or "MISS" in table)
+
+
+def test_vq_is_skipped_when_its_estimate_exceeds_the_limit():
+    report = bench.run(
+        {"small": TINY}, threads=1, repeats=1, with_memory=False, vq_memory_limit_gb=1e-9, log=lambda line: None
+    )
+    result = report["results"]["small"]
+    assert "vq" not in result["ema_step"]
+    if bench.vq_available():
+        assert "estimated" in result["skipped"]["vq"]
+
+
+def test_command_line_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--sizes", "small", "--repeats", "1", "--no-memory", "--no-vq", "--threads", "1", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["threads"] == 1 and "small" in written["results"]
+    assert "ours/floor" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown sizes"):
+        bench.main(["--sizes", "huge"])
