@@ -329,9 +329,6 @@ class DinoBottleneckedEncoder(BottleneckedEncoder):
     """
 
     VALID_BACKBONES = ("dino_resnet50", "dino_vits8")
-    RESNET_LAYER_TO_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}
-    DINO_VITS8_DIM_EMBEDDING = 384
-    HUB_REPO = "facebookresearch/dino:main"
 
     def __init__(
         self,
@@ -354,31 +351,10 @@ class DinoBottleneckedEncoder(BottleneckedEncoder):
         topk: int = 1,
         input_is_embedding: bool = False,
     ):
-        if backbone not in self.VALID_BACKBONES:
-            raise ValueError(f"backbone must be one of {self.VALID_BACKBONES}, got {backbone!r}")
-        if backbone == "dino_resnet50":
-            if extracted_layer not in self.RESNET_LAYER_TO_CHANNELS:
-                raise ValueError(
-                    f"extracted_layer must be one of {sorted(self.RESNET_LAYER_TO_CHANNELS)} for dino_resnet50, "
-                    f"got {extracted_layer!r}"
-                )
-            num_channels = self.RESNET_LAYER_TO_CHANNELS[extracted_layer]
-        else:
-            num_channels = self.DINO_VITS8_DIM_EMBEDDING
+        num_channels = dino_num_channels(backbone, extracted_layer)
         dim_keys, dim_values = _default_key_and_value_dims(num_channels, num_codebooks, dim_keys, dim_values)
 
-        if input_is_embedding:
-            encoder = nn.Identity()
-        else:
-            pretrained = self._load_from_hub(backbone)
-            if backbone == "dino_resnet50":
-                # conv1, bn1, relu, maxpool, then layer1 .. layer{extracted_layer}
-                modules = list(pretrained.children())[: 4 + extracted_layer]
-                if pool_embedding:
-                    modules.append(nn.AdaptiveAvgPool2d(1))
-                encoder = nn.Sequential(*modules)
-            else:
-                encoder = pretrained
+        encoder = nn.Identity() if input_is_embedding else dino_encoder(backbone, extracted_layer, pool_embedding)
 
         super().__init__(
             encoder=encoder,
@@ -404,19 +380,48 @@ class DinoBottleneckedEncoder(BottleneckedEncoder):
         self.pool_embedding = pool_embedding
         self.input_is_embedding = input_is_embedding
 
-    @classmethod
-    def _load_from_hub(cls, backbone: str) -> nn.Module:
-        try:
-            return torch.hub.load(cls.HUB_REPO, backbone)
-        except Exception as error:
-            raise RuntimeError(
-                f"could not fetch the pretrained DINO weights for backbone={backbone!r} via "
-                f"torch.hub.load({cls.HUB_REPO!r}, {backbone!r}): {type(error).__name__}: {error}. "
-                f"To fix it: run with network access once, or pre-populate the torch hub cache "
-                f"(torch.hub.get_dir() = {torch.hub.get_dir()!r}; set TORCH_HOME to use another cache) on a "
-                f"machine with network and copy it here, or pass input_is_embedding=True and feed precomputed "
-                f"embeddings. For a pretrained encoder that works offline, see EfficientNetBottleneckedEncoder."
-            ) from error
+
+DINO_HUB_REPO = "facebookresearch/dino:main"
+DINO_RESNET_LAYER_TO_CHANNELS = {1: 256, 2: 512, 3: 1024, 4: 2048}
+DINO_VITS8_DIM_EMBEDDING = 384
+
+
+def dino_num_channels(backbone: str, extracted_layer: int = 3) -> int:
+    if backbone not in DinoBottleneckedEncoder.VALID_BACKBONES:
+        raise ValueError(f"backbone must be one of {DinoBottleneckedEncoder.VALID_BACKBONES}, got {backbone!r}")
+    if backbone == "dino_vits8":
+        return DINO_VITS8_DIM_EMBEDDING
+    if extracted_layer not in DINO_RESNET_LAYER_TO_CHANNELS:
+        raise ValueError(
+            f"extracted_layer must be one of {sorted(DINO_RESNET_LAYER_TO_CHANNELS)} for dino_resnet50, got {extracted_layer!r}"
+        )
+    return DINO_RESNET_LAYER_TO_CHANNELS[extracted_layer]
+
+
+def dino_encoder(backbone: str, extracted_layer: int = 3, pool_embedding: bool = True) -> nn.Module:
+    """The pretrained DINO backbone from torch hub, cut as the original code cuts it.
+
+    dino_resnet50: conv1, bn1, relu, maxpool, then layer1 .. layer{extracted_layer}, average-pooled
+    to [b, d, 1, 1] if pool_embedding; dino_vits8: the class token [b, 384].
+    """
+    dino_num_channels(backbone, extracted_layer)  # validates the arguments before any download
+    try:
+        pretrained = torch.hub.load(DINO_HUB_REPO, backbone)
+    except Exception as error:
+        raise RuntimeError(
+            f"could not fetch the pretrained DINO weights for backbone={backbone!r} via "
+            f"torch.hub.load({DINO_HUB_REPO!r}, {backbone!r}): {type(error).__name__}: {error}. "
+            f"To fix it: run with network access once, or pre-populate the torch hub cache "
+            f"(torch.hub.get_dir() = {torch.hub.get_dir()!r}; set TORCH_HOME to use another cache) on a "
+            f"machine with network and copy it here, or pass input_is_embedding=True and feed precomputed "
+            f"embeddings. For a pretrained encoder that works offline, see EfficientNetBottleneckedEncoder."
+        ) from error
+    if backbone == "dino_vits8":
+        return pretrained
+    modules = list(pretrained.children())[: 4 + extracted_layer]
+    if pool_embedding:
+        modules.append(nn.AdaptiveAvgPool2d(1))
+    return nn.Sequential(*modules)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def build_encoder(config) -> Callable[[torch.Tensor], torch.Tensor]:
     else:
         from kvb_dist.encoders import dino_encoder, imagenet_preprocess
 
-        network, _ = dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
+        network = dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
         preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
     network = _frozen(network)
     return lambda x: network(preprocess(x)).flatten(1)
