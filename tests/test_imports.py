@@ -1,0 +1,28 @@
+"""The architecture's import boundaries: math without torch.distributed, distribution without models."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kvb_dist"
+
+
+def imported_modules(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_codebook_math_does_not_import_torch_distributed():
+    for name in ("codebook.py", "kmeans.py", "core.py", "splitters.py", "decoders.py", "encoders.py"):
+        assert not any(m.startswith("torch.distributed") for m in imported_modules(PACKAGE / name)), name
+
+
+def test_the_distributed_layer_knows_no_models_or_classification():
+    allowed = {"torch", "torch.distributed", "math", "dataclasses", "typing", "__future__"}
+    assert imported_modules(PACKAGE / "parallel.py") <= allowed
