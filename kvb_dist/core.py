@@ -151,6 +151,8 @@ class KeyValueBottleneck(nn.Module):
         # [seed, step]: counter-based randomness is a function of these (and global ids) only.
         self.register_buffer("random_state", torch.tensor([seed, 0], dtype=torch.int64))
         self.values = nn.Parameter(values)
+        # Dead pairs replaced so far (held here; not part of the checkpointed state).
+        self.num_replaced_pairs = torch.zeros((), dtype=torch.int64)
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -304,6 +306,7 @@ class KeyValueBottleneck(nn.Module):
         if not bool(dead.any()):
             return
         codebook_index, pair_index = dead.nonzero(as_tuple=True)
+        self.num_replaced_pairs += codebook_index.numel()
         wanted = counter_randint(
             counter_hash(self.random_state[0], torch.tensor(_TAG_REPLACE), self.random_state[1]),
             num_global_queries,

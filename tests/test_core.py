@@ -124,6 +124,7 @@ def test_dead_pairs_are_replaced_by_batch_heads_with_their_state_reset():
     queries = x.permute(1, 0, 2).reshape(2, 6, 3)
     replaced = module.cluster_size == 0.5
     assert replaced.sum() >= 10
+    assert int(module.num_replaced_pairs) == int(replaced.sum())
     for c, j in replaced.nonzero().tolist():
         assert any(torch.equal(module.keys[c, j], q) for q in queries[c])  # a real head of the batch
         torch.testing.assert_close(module.keys_avg[c, j], module.keys[c, j] * 0.5)

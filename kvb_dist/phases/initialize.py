@@ -122,8 +122,9 @@ def run(ctx) -> None:
             for batch in replay if replay is not None else lockstep(stream, layout.all_reduce_world):
                 bottleneck(to_heads(splitter, batch.x.to(ctx.device)))
                 step += 1
-            dead = float((bottleneck.cluster_size < max(config.bottleneck.threshold_ema_dead_code, 1e-12)).float().mean())
-            ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/low_usage_pairs": dead})
+            # Each replica group replaces the same pairs: the world sum counts them R times.
+            replaced = layout.all_reduce_world(bottleneck.num_replaced_pairs.clone()) // layout.num_replicas
+            ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/dead_pairs_replaced": int(replaced)})
     bottleneck.freeze_keys()
     state = {"splitter": splitter.state_dict(), "bottleneck": bottleneck.full_state_dict(), "kmeans_sse": sse}
     if ctx.is_main:
