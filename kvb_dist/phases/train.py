@@ -16,7 +16,7 @@ a training step is a gather of values (`values_at`), no encoder and no lookup.
 from __future__ import annotations
 
 import logging
-import math
+import sys
 import time
 from typing import Dict, List, Sequence
 
@@ -313,7 +313,9 @@ def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) ->
     while task_index < len(plan):
         t, classes = plan[task_index]
         pool = rows_of(train["labels"], classes)
-        progress = tqdm(total=steps_per_task, initial=step, desc=f"{prefix} task {t}", disable=not ctx.is_main, leave=False)
+        # A bar for people at a terminal; logs (and CI) get one line per task instead.
+        quiet = not (ctx.is_main and sys.stderr.isatty())
+        progress = tqdm(total=steps_per_task, initial=step, desc=f"{prefix} task {t}", disable=quiet, leave=False)
         started, started_step = time.perf_counter(), step
         while step < steps_per_task:
             rows = global_batch(pool, config.train.batch_size, config.run.seed, stream_tag, t, step)
