@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -104,7 +106,7 @@ def heads_to_queries(heads: torch.Tensor) -> torch.Tensor:
 
 def query_priorities(seed: int, sample_ids: torch.Tensor, num_positions: int) -> torch.Tensor:
     """Priorities [b * n] in [0, 2**62) of the queries of samples [b], in heads_to_queries order."""
-    positions = torch.arange(num_positions)
+    positions = torch.arange(num_positions, device=sample_ids.device)
     return counter_randint(_seed_for(seed, _TAG_PRIORITY), PRIORITY_RANGE, sample_ids[:, None], positions).reshape(-1)
 
 
@@ -126,7 +128,7 @@ def kth_smallest_global(local_smallest: torch.Tensor, k: int, all_reduce_sum: Re
     while high - low > 1:
         step = max(1, (high - low) // ways)
         probes = list(range(low + step, high, step))[: ways - 1] or [low + 1]
-        probe_t = torch.tensor(probes, dtype=torch.int64)
+        probe_t = torch.tensor(probes, dtype=torch.int64, device=local_smallest.device)
         counts = (local_smallest[None, :] <= probe_t[:, None]).sum(1).to(torch.int64)
         counts = all_reduce_sum(counts)
         enough = (counts >= k).nonzero()
@@ -193,8 +195,8 @@ def kmeans_plus_plus(samples_cnk: torch.Tensor, num_pairs: int, seed: int, first
         raise ValueError(f"k-means++ needs at least {num_pairs} samples per codebook, got {num_samples}")
     samples = samples_cnk.float()
     seed_t = _seed_for(seed, _TAG_KMEANSPP)
-    codebook_ids = torch.arange(num_codebooks) + first_codebook
-    rows = torch.arange(num_codebooks)
+    codebook_ids = torch.arange(num_codebooks, device=samples.device) + first_codebook
+    rows = torch.arange(num_codebooks, device=samples.device)
     means = samples.new_empty(num_codebooks, num_pairs, dim)
     first = counter_randint(seed_t, num_samples, codebook_ids, torch.tensor(0), torch.tensor(0))
     means[:, 0] = samples[rows, first]
@@ -210,6 +212,93 @@ def kmeans_plus_plus(samples_cnk: torch.Tensor, num_pairs: int, seed: int, first
         means[:, step] = samples[rows, pick]
         nearest_sq = torch.minimum(nearest_sq, (samples - means[:, step : step + 1]).pow(2).sum(-1))
     return means
+
+
+# Distances for at most this many (query, pair) couples exist at once (4 MiB): small enough to
+# stay in cache between the GEMM that writes them and the reductions that read them.
+ASSIGN_CHUNK_ELEMENTS = 1 << 20
+
+
+def _argmin_block(num_pairs: int) -> Optional[int]:
+    """Width of the blocks of the two-level argmin (None: plain argmin). Rows narrower than 32
+    keep amin from vectorizing; measured on AVX-512, 32 is best up to 2048 pairs, 64 above."""
+    for block in ((32, 64) if num_pairs <= 2048 else (64, 128, 32)):
+        if num_pairs % block == 0 and num_pairs // block >= 2:
+            return block
+    return None
+
+
+def nearest_means(
+    queries_cik: torch.Tensor,
+    means_cjk: torch.Tensor,
+    chunk_elements: int = ASSIGN_CHUNK_ELEMENTS,
+    pool: Optional[ThreadPoolExecutor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index [c, i] of the nearest mean of every query (the first one on ties, as argmin) and
+    the squared distance [c, i] to it.
+
+    The k-means assignment only, tuned for it: |m|^2 - 2 q.m by GEMM on chunks that stay in
+    cache, and the argmin in two levels (vectorized amin over blocks of pairs, argmin over the
+    block minima, argmin inside the winning block), because torch's argmin along a row is several
+    times slower than the GEMM itself for small heads. With a thread pool the chunks run on its
+    threads (each chunk's ops on one thread; see streaming_kmeans); the result is the same.
+    """
+    num_codebooks, num_queries, _ = queries_cik.shape
+    num_pairs = means_cjk.shape[1]
+    indices = torch.empty(num_codebooks, num_queries, dtype=torch.long, device=queries_cik.device)
+    distances = torch.empty(num_codebooks, num_queries, dtype=torch.float32, device=queries_cik.device)
+    if num_queries == 0 or num_codebooks == 0:
+        return indices, distances
+    means_sq = means_cjk.pow(2).sum(-1)
+    means_ckj = means_cjk.transpose(1, 2).contiguous()
+    block = _argmin_block(num_pairs)
+    rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
+    chunks = [(c, i0, min(i0 + rows_per_chunk, num_queries))
+              for c in range(num_codebooks) for i0 in range(0, num_queries, rows_per_chunk)]
+    row_ids = torch.arange(rows_per_chunk, device=queries_cik.device)
+
+    def assign(worker_chunks) -> None:
+        buffer = queries_cik.new_empty(rows_per_chunk, num_pairs)
+        for c, i0, i1 in worker_chunks:
+            n = i1 - i0
+            partial = torch.addmm(means_sq[c], queries_cik[c, i0:i1], means_ckj[c], alpha=-2, out=buffer[:n])
+            if block is None:
+                best, index = partial.min(1)
+            else:
+                blocks = partial.view(n, num_pairs // block, block)
+                block_best = blocks.amin(2)
+                winner = block_best.argmin(1)
+                index = winner * block + blocks[row_ids[:n], winner].argmin(1)
+                best = block_best[row_ids[:n], winner]
+            indices[c, i0:i1] = index
+            distances[c, i0:i1] = best  # disjoint slices per chunk: safe from several threads
+
+    workers = 1 if pool is None else min(pool._max_workers, len(chunks))
+    if workers <= 1:
+        assign(chunks)
+    else:
+        for future in [pool.submit(assign, chunks[w::workers]) for w in range(workers)]:
+            future.result()
+    distances += queries_cik.pow(2).sum(-1)
+    return indices, distances
+
+
+@contextmanager
+def chunk_threads(num_threads: int):
+    """A pool of num_threads threads for nearest_means, with torch's intra-op threads at one
+    meanwhile (restored after). Chunks then run side by side without an OpenMP barrier per op:
+    on a busy machine every barrier can wait a scheduler slice for a descheduled thread, which
+    made many small parallel ops 10-30x slower than one thread."""
+    if num_threads <= 1:
+        yield None
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(num_threads, thread_name_prefix="kmeans") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +392,7 @@ class _SamplingState:
     num_queries: int = 0
     num_codebooks: int = 0
     dim: int = 0
-    sample_priorities: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    sample_priorities: Optional[torch.Tensor] = None  # [<= L] ascending
     sample_rows: Optional[torch.Tensor] = None  # [C, L, k]
     cap_parts: List[torch.Tensor] = field(default_factory=list)
     cap_size: int = 0
@@ -318,13 +407,14 @@ def _finite_or_raise(queries_cik: torch.Tensor, ids: torch.Tensor, num_positions
     )
 
 
-def _sampling_pass(data, to_heads, seed: int, sample_size: int, cap_size: Optional[int]) -> _SamplingState:
+def _sampling_pass(data, to_heads, seed: int, sample_size: int, cap_size: Optional[int], device) -> _SamplingState:
     """Local bottom-`sample_size` queries (priorities and heads of all codebooks) and local
     bottom-`cap_size` priorities, in one pass without communication."""
     state = _SamplingState()
     cap_threshold = NO_PRIORITY
     for x, ids in data:
-        heads = to_heads(x)
+        ids = ids.to(device)
+        heads = to_heads(x.to(device))
         queries = heads_to_queries(heads).float()
         num_positions = queries.shape[1] // max(heads.shape[0], 1)
         _finite_or_raise(queries, ids, num_positions)
@@ -333,6 +423,7 @@ def _sampling_pass(data, to_heads, seed: int, sample_size: int, cap_size: Option
         state.num_codebooks, state.dim = queries.shape[0], queries.shape[2]
         if state.sample_rows is None:
             state.sample_rows = queries.new_empty(queries.shape[0], 0, queries.shape[2])
+            state.sample_priorities = priorities.new_empty(0)
         # Only queries below the current local sample's largest priority can enter it.
         if state.sample_priorities.numel() == sample_size:
             keep = priorities < state.sample_priorities[-1]
@@ -354,21 +445,24 @@ def _sampling_pass(data, to_heads, seed: int, sample_size: int, cap_size: Option
     return state
 
 
-def _merge_samples(state: _SamplingState, sample_size: int, layout) -> torch.Tensor:
+def _merge_samples(state: _SamplingState, sample_size: int, layout, device) -> torch.Tensor:
     """The global bottom-`sample_size` queries [C, L, k], ordered by priority, identical on every rank."""
     num_codebooks, dim = state.num_codebooks, state.dim
+    if state.sample_priorities is None:  # this rank has no data
+        state.sample_priorities = torch.empty(0, dtype=torch.int64, device=device)
+        state.sample_rows = torch.empty(num_codebooks, 0, dim, device=device)
     priorities = state.sample_priorities[:sample_size]  # ascending
-    local = torch.full((sample_size,), NO_PRIORITY, dtype=torch.int64)
+    local = torch.full((sample_size,), NO_PRIORITY, dtype=torch.int64, device=device)
     local[: priorities.numel()] = priorities
     chosen = layout.all_gather_world(local).reshape(-1).sort().values[:sample_size]
     slots = torch.searchsorted(chosen, priorities)
     mine = slots < sample_size
     mine &= chosen[slots.clamp(max=sample_size - 1)] == priorities
-    sample = torch.zeros(num_codebooks, sample_size, dim)
-    hits = torch.zeros(sample_size)
+    sample = torch.zeros(num_codebooks, sample_size, dim, device=device)
+    hits = torch.zeros(sample_size, device=device)
     if bool(mine.any()):
         sample[:, slots[mine]] = state.sample_rows[:, : priorities.numel()][:, mine]
-        hits.index_add_(0, slots[mine], torch.ones(int(mine.sum())))
+        hits.index_add_(0, slots[mine], torch.ones(int(mine.sum()), device=device))
     # Each slot receives exactly one query from exactly one rank: the sum is exact.
     packed = layout.all_reduce_world(torch.cat([sample.reshape(-1), hits]))
     sample, hits = packed[:-sample_size].view(num_codebooks, sample_size, dim), packed[-sample_size:]
@@ -380,7 +474,8 @@ def _merge_samples(state: _SamplingState, sample_size: int, layout) -> torch.Ten
 
 
 def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int, seed: int,
-                cap_threshold: Optional[int], chunk_elements: int):
+                cap_threshold: Optional[int], chunk_elements: int, pool: Optional[ThreadPoolExecutor],
+                check_finite: bool):
     """One assignment pass: counts [c, j], sums [c, j, k] (float64) and SSE [c] of this rank's
     routed queries for its codebooks, and the number of queries all ranks offered.
 
@@ -388,9 +483,10 @@ def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int,
     queries until every rank is out, so uneven data neither hangs nor drops anything.
     """
     num_local, num_pairs, _ = means_cjk.shape
-    counts = torch.zeros(num_local, num_pairs, dtype=torch.float64)
-    sums = torch.zeros(num_local, num_pairs, dim, dtype=torch.float64)
-    sse = torch.zeros(num_local, dtype=torch.float64)
+    device = means_cjk.device
+    counts = torch.zeros(num_local, num_pairs, dtype=torch.float64, device=device)
+    sums = torch.zeros(num_local, num_pairs, dim, dtype=torch.float64, device=device)
+    sse = torch.zeros(num_local, dtype=torch.float64, device=device)
     offered = 0
     iterator, exhausted = iter(data), False
     while True:
@@ -400,13 +496,15 @@ def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int,
             queries = means_cjk.new_empty(num_codebooks, 0, dim)
         else:
             x, ids = item
-            heads = to_heads(x)
+            ids = ids.to(device)
+            heads = to_heads(x.to(device))
             queries = heads_to_queries(heads).float()
             num_positions = queries.shape[1] // max(heads.shape[0], 1)
-            _finite_or_raise(queries, ids, num_positions)
+            if check_finite:  # every pass sees the same data: checking one pass is enough
+                _finite_or_raise(queries, ids, num_positions)
             if cap_threshold is not None:
                 queries = queries[:, query_priorities(seed, ids, num_positions) <= cap_threshold]
-        status = layout.all_gather_world(torch.tensor([queries.shape[1], 0 if exhausted else 1]))
+        status = layout.all_gather_world(torch.tensor([queries.shape[1], 0 if exhausted else 1], device=device))
         if int(status[:, 1].sum()) == 0:
             return counts, sums, sse, offered
         queries_per_rank = [int(n) for n in status[:, 0]]
@@ -414,12 +512,12 @@ def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int,
         owned = layout.route_to_owners(queries, queries_per_rank).owned_cik
         if owned.shape[1] == 0 or num_local == 0:
             continue
-        indices, scores = nearest_keys(owned, means_cjk, chunk_elements=chunk_elements)
-        batch_counts, batch_sums = assignment_statistics(owned, indices[..., 0], num_pairs)
+        indices, distances = nearest_means(owned, means_cjk, chunk_elements, pool)
+        batch_counts, batch_sums = assignment_statistics(owned, indices, num_pairs)
         counts += batch_counts
         sums += batch_sums
-        # -score is |q|^2 + |key|^2 - 2 q.key: may round below zero for a query on its key.
-        sse += (-scores[..., 0]).clamp(min=0).sum(1, dtype=torch.float64)
+        # |q|^2 + |m|^2 - 2 q.m may round below zero for a query on its mean.
+        sse += distances.clamp(min=0).sum(1, dtype=torch.float64)
 
 
 def streaming_kmeans(
@@ -437,7 +535,9 @@ def streaming_kmeans(
     to_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     kmeanspp_sample_factor: int = 8,
     after_pass: Optional[Callable[[], object]] = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int = ASSIGN_CHUNK_ELEMENTS,
+    num_threads: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> KMeansResult:
     """Lloyd's k-means with `num_pairs` clusters per codebook over data streamed in passes.
 
@@ -452,12 +552,15 @@ def streaming_kmeans(
     max_points_per_centroid: cap the training queries per codebook at this x J, as FAISS does
       (None: use all). num_iters Lloyd passes; tol > 0 stops early once an iteration lowers the
       SSE by less than tol (relative). after_pass() runs on every rank after each pass (e.g. the
-      all-rank bad-shard check).
+      all-rank bad-shard check). num_threads: threads for the assignment (default: torch's).
+    device: where the k-means runs (default cpu); batches are moved there before to_heads, and
+      the layout's collectives see tensors on it (gloo: cpu, NCCL: cuda).
 
     Returns this rank's codebooks; result.install_(bottleneck) hands them to the bottleneck.
     """
     layout = _OneProcess() if layout is None else layout
-    to_heads = to_heads if to_heads is not None else (lambda x: x)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    to_heads = to_heads if to_heads is not None else _identity
     if not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
     if init not in INIT_METHODS:
@@ -468,111 +571,124 @@ def streaming_kmeans(
         raise ValueError(f"max_points_per_centroid must be positive or None, got {max_points_per_centroid!r}")
     if kmeanspp_sample_factor < 1:
         raise ValueError(f"kmeanspp_sample_factor must be >= 1, got {kmeanspp_sample_factor!r}")
-    is_main = layout.rank == 0
+    if init_means is not None and (init_means.ndim != 3 or init_means.shape[1] != num_pairs):
+        raise ValueError(f"init_means must be [num_codebooks, num_pairs={num_pairs}, dim], got {tuple(init_means.shape)}")
     cap_size = None if max_points_per_centroid is None else max_points_per_centroid * num_pairs
 
-    # --- sampling pass: data size, training-set cap, initial sample (skipped when nothing needs it)
-    num_queries = num_training = -1
-    cap_threshold = None
-    sample = None
+    # Sampling pass: only for a sample (init) or to know whether the cap applies.
+    plan = None
     if init_means is None or cap_size is not None:
-        sample_size = num_pairs if init == "random" or init_means is not None else kmeanspp_sample_factor * num_pairs
-        if cap_size is not None:
-            sample_size = min(sample_size, cap_size)
-        started = time.perf_counter()
-        state = _sampling_pass(data, to_heads, seed, sample_size, cap_size)
-        shapes = layout.all_gather_world(torch.tensor([state.num_codebooks, state.dim, state.num_queries]))
-        with_data = shapes[shapes[:, 2] > 0]
-        if with_data.shape[0] and bool((with_data[:, :2] != with_data[0, :2]).any()):
-            raise ValueError(f"ranks disagree on (codebooks, head dim): {with_data[:, :2].tolist()}")
-        num_queries = int(shapes[:, 2].sum())
-        if num_queries < num_pairs:
-            raise ValueError(
-                f"k-means with {num_pairs} pairs per codebook needs at least {num_pairs} samples (queries per "
-                f"codebook) in the data, found {num_queries}"
-            )
-        state.num_codebooks, state.dim = int(with_data[0, 0]), int(with_data[0, 1])
-        num_training = num_queries
-        if cap_size is not None and num_queries > cap_size:
-            local = bottom_k(torch.cat(state.cap_parts), cap_size)[0] if state.cap_parts else torch.empty(0, dtype=torch.int64)
-            cap_threshold = kth_smallest_global(local, cap_size, layout.all_reduce_world)
-            num_training = int(layout.all_reduce_world(torch.tensor([int((local <= cap_threshold).sum())]))[0])
-        sample_size = min(sample_size, num_training)
-        if init_means is None:
-            sample = _merge_samples(state, sample_size, layout)
-        num_codebooks, dim = state.num_codebooks, state.dim
-        if is_main:
-            logger.info(
-                "k-means sampling pass: %d queries per codebook, training on %d, %.2fs",
-                num_queries, num_training, time.perf_counter() - started,
-            )
-    if init_means is not None:
-        if init_means.ndim != 3 or init_means.shape[1] != num_pairs:
-            raise ValueError(f"init_means must be [num_codebooks, num_pairs={num_pairs}, dim], got {tuple(init_means.shape)}")
-        if sample is not None or num_queries >= 0:
-            if tuple(init_means.shape) != (num_codebooks, num_pairs, dim):
-                raise ValueError(f"init_means has shape {tuple(init_means.shape)}, the data gives "
-                                 f"{(num_codebooks, num_pairs, dim)}")
+        sample_size = 0 if init_means is not None else num_pairs if init == "random" else kmeanspp_sample_factor * num_pairs
+        plan = _sampling_plan(data, to_heads, layout, seed, num_pairs, sample_size, cap_size, device)
+        num_codebooks, dim = plan.num_codebooks, plan.dim
+        if init_means is not None and tuple(init_means.shape) != (num_codebooks, num_pairs, dim):
+            raise ValueError(f"init_means has shape {tuple(init_means.shape)}, the data gives {(num_codebooks, num_pairs, dim)}")
+    else:
         num_codebooks, dim = init_means.shape[0], init_means.shape[2]
 
     start, stop = layout.codebook_range(num_codebooks)
     if init_means is not None:
-        means = init_means[start:stop].float().clone()
+        means = init_means[start:stop].to(device=device, dtype=torch.float32).clone()
     elif init == "kmeans++":
-        means = kmeans_plus_plus(sample[start:stop], num_pairs, seed, first_codebook=start)
+        means = kmeans_plus_plus(plan.sample[start:stop], num_pairs, seed, first_codebook=start)
     else:
-        means = sample[start:stop, :num_pairs].clone()
-    initial_means = means.clone()
-
-    # --- Lloyd passes
-    counts = torch.ones(stop - start, num_pairs)
-    sse_history: List[float] = []
-    seconds: List[float] = []
-    sse_all = torch.zeros(num_codebooks, dtype=torch.float64)
-    num_split = 0
-    for iteration in range(num_iters):
-        started = time.perf_counter()
-        pass_counts, sums, sse, offered = _lloyd_pass(
-            data, to_heads, means, layout, num_codebooks, dim, seed, cap_threshold, chunk_elements
-        )
-        num_training = num_training if num_training >= 0 else offered
-        num_queries = num_queries if num_queries >= 0 else offered
-        # Sums and counts over the replicas holding these codebooks, then derive: never average means.
-        packed = layout.all_reduce_replicas(torch.cat([pass_counts.reshape(-1), sums.reshape(-1)]))
-        pass_counts = packed[: pass_counts.numel()].view_as(pass_counts)
-        sums = packed[pass_counts.numel() :].view_as(sums)
-        filled = pass_counts > 0
-        means = torch.where(filled[..., None], sums / pass_counts.clamp(min=1)[..., None], means.double()).float()
-        counts = pass_counts.float()
-        # Decided on reduced counts with counter-based draws: every replica splits alike.
-        split_here = split_empty_clusters_(means, counts, seed, iteration, start) if split_empty else 0
-        # One world all-reduce for what every rank reports: SSE per codebook (summed over all
-        # queries) and the number of splits (counted by the first replica only).
-        report = torch.zeros(num_codebooks + 1, dtype=torch.float64)
-        report[start:stop] = sse
-        report[-1] = split_here if layout.replica_index == 0 else 0
-        report = layout.all_reduce_world(report)
-        sse_all, split_now = report[:-1], int(report[-1])
-        if after_pass is not None:
-            after_pass()
-        num_split += split_now
-        sse_history.append(float(sse_all.sum()))
-        seconds.append(time.perf_counter() - started)
-        if is_main:
-            logger.info("k-means iteration %d/%d: SSE %.6g, %d empty clusters split, %.2fs",
-                        iteration + 1, num_iters, sse_history[-1], split_now, seconds[-1])
-        if tol > 0 and len(sse_history) > 1 and sse_history[-2] - sse_history[-1] <= tol * sse_history[-2]:
-            break
-    return KMeansResult(
-        means=means,
-        counts=counts,
-        first_codebook=start,
-        num_codebooks=num_codebooks,
-        sse_history=sse_history,
-        sse_per_codebook=sse_all,
-        iteration_seconds=seconds,
-        num_queries=num_queries,
-        num_training_queries=num_training,
-        num_split=num_split,
-        initial_means=initial_means,
+        means = plan.sample[start:stop, :num_pairs].clone()
+    result = KMeansResult(
+        means=means, counts=torch.ones(stop - start, num_pairs, device=device), first_codebook=start,
+        num_codebooks=num_codebooks, sse_history=[], sse_per_codebook=torch.zeros(num_codebooks, dtype=torch.float64),
+        iteration_seconds=[], num_queries=-1 if plan is None else plan.num_queries,
+        num_training_queries=-1 if plan is None else plan.num_training, num_split=0, initial_means=means.clone(),
     )
+    cap_threshold = None if plan is None else plan.cap_threshold
+    # Chunks of the assignment run on a pool of threads (see chunk_threads); the rest of the pass
+    # is small and runs single-threaded meanwhile.
+    num_threads = torch.get_num_threads() if num_threads is None else num_threads
+    with chunk_threads(num_threads if device.type == "cpu" else 1) as pool:
+        for iteration in range(num_iters):
+            started = time.perf_counter()
+            counts, sums, sse, offered = _lloyd_pass(
+                data, to_heads, result.means, layout, num_codebooks, dim, seed, cap_threshold, chunk_elements, pool,
+                check_finite=plan is None and iteration == 0,
+            )
+            if result.num_training_queries < 0:  # no sampling pass: this pass counted the data
+                result.num_queries = result.num_training_queries = offered
+            _update_means_(result, counts, sums, sse, layout, seed, iteration, split_empty)
+            if after_pass is not None:
+                after_pass()
+            result.iteration_seconds.append(time.perf_counter() - started)
+            if layout.rank == 0:
+                logger.info("k-means iteration %d/%d: SSE %.6g, %d empty clusters split so far, %.2fs",
+                            iteration + 1, num_iters, result.sse_history[-1], result.num_split,
+                            result.iteration_seconds[-1])
+            history = result.sse_history
+            if tol > 0 and len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
+                break
+    return result
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class _Plan:
+    num_codebooks: int
+    dim: int
+    num_queries: int  # per codebook, in the whole data set
+    num_training: int  # after the cap
+    cap_threshold: Optional[int]  # largest priority kept (None: all)
+    sample: Optional[torch.Tensor]  # [C, L, k] bottom-L sample, identical on every rank
+
+
+def _sampling_plan(data, to_heads, layout, seed, num_pairs, sample_size, cap_size, device) -> _Plan:
+    """The sampling pass and its reductions: data size, cap threshold and merged sample."""
+    started = time.perf_counter()
+    if cap_size is not None:
+        sample_size = min(sample_size, cap_size)
+    state = _sampling_pass(data, to_heads, seed, max(sample_size, 1), cap_size, device)
+    shapes = layout.all_gather_world(torch.tensor([state.num_codebooks, state.dim, state.num_queries], device=device))
+    with_data = shapes[shapes[:, 2] > 0]
+    if with_data.shape[0] and bool((with_data[:, :2] != with_data[0, :2]).any()):
+        raise ValueError(f"ranks disagree on (codebooks, head dim): {with_data[:, :2].tolist()}")
+    num_queries = int(shapes[:, 2].sum())
+    if num_queries < num_pairs:
+        raise ValueError(
+            f"k-means with {num_pairs} pairs per codebook needs at least {num_pairs} samples (queries per "
+            f"codebook) in the data, found {num_queries}"
+        )
+    state.num_codebooks, state.dim = int(with_data[0, 0]), int(with_data[0, 1])
+    num_training, cap_threshold = num_queries, None
+    if cap_size is not None and num_queries > cap_size:
+        local = (bottom_k(torch.cat(state.cap_parts), cap_size)[0] if state.cap_parts
+                 else torch.empty(0, dtype=torch.int64, device=device))
+        cap_threshold = kth_smallest_global(local, cap_size, layout.all_reduce_world)
+        num_training = int(layout.all_reduce_world((local <= cap_threshold).sum().reshape(1))[0])
+    sample = _merge_samples(state, min(sample_size, num_training), layout, device) if sample_size else None
+    if layout.rank == 0:
+        logger.info("k-means sampling pass: %d queries per codebook, training on %d, %.2fs",
+                    num_queries, num_training, time.perf_counter() - started)
+    return _Plan(state.num_codebooks, state.dim, num_queries, num_training, cap_threshold, sample)
+
+
+def _update_means_(result: KMeansResult, counts, sums, sse, layout, seed: int, iteration: int, split_empty: bool):
+    """After a pass: sum the statistics over the replicas, derive the means, split empty clusters,
+    and record the SSE. Sums and counts are reduced, then divided: means are never averaged."""
+    num_codebooks, start = result.num_codebooks, result.first_codebook
+    stop = start + result.means.shape[0]
+    packed = layout.all_reduce_replicas(torch.cat([counts.reshape(-1), sums.reshape(-1)]))
+    counts = packed[: counts.numel()].view_as(counts)
+    sums = packed[counts.numel() :].view_as(sums)
+    filled = counts > 0
+    result.means = torch.where(filled[..., None], sums / counts.clamp(min=1)[..., None], result.means.double()).float()
+    result.counts = counts.float()
+    # Decided on reduced counts with counter-based draws: every replica splits alike.
+    num_split = split_empty_clusters_(result.means, result.counts, seed, iteration, start) if split_empty else 0
+    # One world all-reduce for what every rank reports: SSE per codebook (each rank adds its
+    # share of the queries) and the number of splits (counted by the first replica only).
+    report = torch.zeros(num_codebooks + 1, dtype=torch.float64, device=result.means.device)
+    report[start:stop] = sse
+    report[-1] = num_split if layout.replica_index == 0 else 0
+    report = layout.all_reduce_world(report)
+    result.sse_per_codebook = report[:-1].cpu()
+    result.num_split += int(report[-1])
+    result.sse_history.append(float(report[:-1].sum()))

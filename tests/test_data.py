@@ -166,6 +166,24 @@ def test_embedding_shards_and_merged_parts(tmp_path):
     assert torch.allclose(x[order], expected, atol=1e-6) and torch.equal(y[order], labels)
 
 
+def test_shards_from_other_tar_writers_are_read_too(tmp_path):
+    """Our writer's plain ustar shards take a fast path; any other tar (here PAX headers, as
+    WebDataset's own TarWriter writes with a float mtime) goes through tarfile, same samples."""
+    import webdataset as wds
+
+    features, labels = labelled_features(12)
+    index = write_arrays(str(tmp_path), features, labels, samples_per_shard=12)
+    fast = read_all(ShardStream(index, batch_size=5, shuffle_shards=False))
+    path = str(tmp_path / index.shards[0].name)
+    samples = list(wds.WebDataset(path, shardshuffle=False))
+    with wds.TarWriter(path, encoder=False, mtime=1.5) as writer:
+        for sample in samples:
+            writer.write({k: v for k, v in sample.items() if k in ("__key__", "x.npy", "cls")})
+    assert b"PaxHeader" in open(path, "rb").read(2048)
+    slow = read_all(ShardStream(index, batch_size=5, shuffle_shards=False))
+    assert fast[0] == slow[0] and torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading: splitting, determinism, equal steps
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from kvb_dist.kmeans import (
     kmeans_plus_plus,
     kth_smallest_global,
     lloyd_,
+    nearest_means,
     query_priorities,
     split_empty_clusters_,
     streaming_kmeans,
@@ -159,6 +161,22 @@ def test_kmeans_plus_plus_picks_distinct_data_points_deterministically():
         kmeans_plus_plus(samples, 100, seed=1)
 
 
+def test_nearest_means_matches_brute_force_and_breaks_ties_like_argmin():
+    g = torch.Generator().manual_seed(0)
+    for num_pairs in (5, 64, 96, 256, 4096):
+        queries = torch.randn(3, 301, 4, generator=g)
+        means = torch.randn(3, num_pairs, 4, generator=g)
+        means[:, num_pairs - 1] = means[:, 1]  # an exact duplicate: argmin semantics pick index 1
+        exact = torch.cdist(queries.double(), means.double()).pow(2)
+        for pool in (None, ThreadPoolExecutor(2)):
+            indices, distances = nearest_means(queries, means, chunk_elements=4096, pool=pool)
+            chosen = exact.gather(-1, indices[..., None])[..., 0]
+            assert torch.allclose(chosen, exact.min(-1).values, atol=1e-4)  # a nearest mean (float ties aside)
+            assert torch.allclose(distances.double(), chosen, atol=1e-4)
+            assert not bool((indices == num_pairs - 1).any())
+        assert torch.equal(indices, nearest_means(queries, means)[0])  # chunking does not matter
+
+
 # ---------------------------------------------------------------------------------------------
 # One process
 
@@ -225,6 +243,8 @@ def test_bad_inputs_give_clear_errors():
     bad[13, 0, 1] = float("nan")
     with pytest.raises(ValueError, match="sample id 13"):
         streaming_kmeans(InMemoryBatches(bad, 8), 4)
+    with pytest.raises(ValueError, match="sample id 13"):  # no sampling pass: the first Lloyd pass checks
+        streaming_kmeans(InMemoryBatches(bad, 8), 4, init_means=torch.zeros(1, 4, 2), max_points_per_centroid=None)
     with pytest.raises(ValueError, match="duplicate"):
         streaming_kmeans(InMemoryBatches(torch.randn(20, 1, 2), 8, ids=torch.zeros(20, dtype=torch.long)), 4)
     with pytest.raises(ValueError, match="init must be"):
@@ -251,10 +271,18 @@ def test_result_goes_into_the_bottleneck_with_consistent_ema_state():
 # Ranks (gloo): split shards give what one process gives on all of them
 
 
+def far_init() -> torch.Tensor:
+    """Initial means [C, J, k] with four of six far from all data: empty clusters get split."""
+    means = blobs(PAIRS, seed=1).view(PAIRS, NUM_CODEBOOKS, DIM).transpose(0, 1).clone()
+    means[:, 2:] = 1e3
+    return means
+
+
 KMEANS_RUNS = {
     # name: streaming_kmeans arguments; the cap is active (20 x 6 < 260 queries per codebook)
     "random": dict(num_iters=4, max_points_per_centroid=20),
     "kmeans++": dict(num_iters=3, init="kmeans++", kmeanspp_sample_factor=3),
+    "split": dict(num_iters=3, init_means=far_init(), max_points_per_centroid=None),
 }
 
 
@@ -265,16 +293,21 @@ def run_kmeans(folder, layout, rank, world_size, batch_size, **args):
 
 def kmeans_worker(rank, world_size, folder):
     from kvb_dist.parallel import ParallelLayout
+    from kvb_dist.sharded import ShardedKeyValueBottleneck
 
     out = {}
     for num_shards in (world_size, 1):  # codebooks sharded over all ranks; all ranks replicas
         layout = ParallelLayout.build(num_shards)
         for name, args in KMEANS_RUNS.items():
             result = run_kmeans(folder, layout, rank, world_size, batch_size=16 + 7 * rank, **args)
+            # Each rank hands its codebooks to its part of the sharded bottleneck.
+            bottleneck = ShardedKeyValueBottleneck(NUM_CODEBOOKS, PAIRS, DIM, 3, layout=layout, seed=0)
+            result.install_(bottleneck)
+            assert torch.equal(bottleneck.keys, result.means) and torch.equal(bottleneck.cluster_size, result.counts)
             out[num_shards, name] = dict(
                 means=result.means, initial=result.initial_means, counts=result.counts,
                 first=result.first_codebook, sse=result.sse_history, queries=result.num_queries,
-                training=result.num_training_queries,
+                training=result.num_training_queries, splits=result.num_split,
             )
     return out
 
@@ -309,4 +342,6 @@ def test_kmeans_on_ranks_equals_one_process(tmp_path, world_size):
         assert torch.equal(torch.cat([o["counts"] for o in sharded]), single.counts)
         for o in sharded:
             assert np.allclose(o["sse"], single.sse_history, rtol=1e-5)
+            assert o["splits"] == single.num_split
+    assert single.num_split >= 4 * NUM_CODEBOOKS  # the "split" run did split (the last one run)
     assert math.isclose(float(single.counts.sum()), NUM_CODEBOOKS * single.num_training_queries)
