@@ -48,12 +48,17 @@ def counter_normal(seed: torch.Tensor, tag: int, first_codebook: int, shape: Seq
     sharded module holds exactly the slice that one process would create.
     """
     num_codebooks, num_pairs, dim = shape
-    c = torch.arange(first_codebook, first_codebook + num_codebooks)[:, None, None]
+    out = torch.empty(shape)
     j = torch.arange(num_pairs)[None, :, None]
     d = torch.arange(dim)[None, None, :]
-    radius = torch.sqrt(-2.0 * torch.log(counter_uniform(seed, torch.tensor(tag), c, j, d)))
-    angle = counter_uniform(seed, torch.tensor(tag + 100), c, j, d) * (2 * math.pi)
-    return radius * torch.cos(angle)
+    # A few codebooks at a time: the int64 hashing temporaries are 8x the size of the result.
+    for start in range(0, num_codebooks, 16):
+        stop = min(start + 16, num_codebooks)
+        c = torch.arange(first_codebook + start, first_codebook + stop)[:, None, None]
+        radius = torch.sqrt(-2.0 * torch.log(counter_uniform(seed, torch.tensor(tag), c, j, d)))
+        angle = counter_uniform(seed, torch.tensor(tag + 100), c, j, d) * (2 * math.pi)
+        out[start:stop] = radius * torch.cos(angle)
+    return out
 
 
 class Lookup(NamedTuple):

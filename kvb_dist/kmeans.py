@@ -26,6 +26,7 @@ from kvb_dist.codebook import (
     DEFAULT_CHUNK_ELEMENTS,
     Reduce,
     assignment_statistics,
+    best_in_rows,
     counter_hash,
     counter_randint,
     counter_uniform,
@@ -219,15 +220,6 @@ def kmeans_plus_plus(samples_cnk: torch.Tensor, num_pairs: int, seed: int, first
 ASSIGN_CHUNK_ELEMENTS = 1 << 20
 
 
-def _argmin_block(num_pairs: int) -> Optional[int]:
-    """Width of the blocks of the two-level argmin (None: plain argmin). Rows narrower than 32
-    keep amin from vectorizing; measured on AVX-512, 32 is best up to 2048 pairs, 64 above."""
-    for block in ((32, 64) if num_pairs <= 2048 else (64, 128, 32)):
-        if num_pairs % block == 0 and num_pairs // block >= 2:
-            return block
-    return None
-
-
 def nearest_means(
     queries_cik: torch.Tensor,
     means_cjk: torch.Tensor,
@@ -238,9 +230,7 @@ def nearest_means(
     the squared distance [c, i] to it.
 
     The k-means assignment only, tuned for it: |m|^2 - 2 q.m by GEMM on chunks that stay in
-    cache, and the argmin in two levels (vectorized amin over blocks of pairs, argmin over the
-    block minima, argmin inside the winning block), because torch's argmin along a row is several
-    times slower than the GEMM itself for small heads. With a thread pool the chunks run on its
+    cache, and the two-level argmin of codebook.best_in_rows. With a thread pool the chunks run on its
     threads (each chunk's ops on one thread; see streaming_kmeans); the result is the same.
     """
     num_codebooks, num_queries, _ = queries_cik.shape
@@ -251,25 +241,16 @@ def nearest_means(
         return indices, distances
     means_sq = means_cjk.pow(2).sum(-1)
     means_ckj = means_cjk.transpose(1, 2).contiguous()
-    block = _argmin_block(num_pairs)
     rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
     chunks = [(c, i0, min(i0 + rows_per_chunk, num_queries))
               for c in range(num_codebooks) for i0 in range(0, num_queries, rows_per_chunk)]
-    row_ids = torch.arange(rows_per_chunk, device=queries_cik.device)
 
     def assign(worker_chunks) -> None:
         buffer = queries_cik.new_empty(rows_per_chunk, num_pairs)
         for c, i0, i1 in worker_chunks:
             n = i1 - i0
             partial = torch.addmm(means_sq[c], queries_cik[c, i0:i1], means_ckj[c], alpha=-2, out=buffer[:n])
-            if block is None:
-                best, index = partial.min(1)
-            else:
-                blocks = partial.view(n, num_pairs // block, block)
-                block_best = blocks.amin(2)
-                winner = block_best.argmin(1)
-                index = winner * block + blocks[row_ids[:n], winner].argmin(1)
-                best = block_best[row_ids[:n], winner]
+            best, index = best_in_rows(partial, largest=False)
             indices[c, i0:i1] = index
             distances[c, i0:i1] = best  # disjoint slices per chunk: safe from several threads
 

@@ -8,6 +8,7 @@ writes its own shards; rank 0 merges the index parts once all are written.
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Callable, Dict, Tuple
 
 import numpy as np
@@ -130,6 +131,9 @@ def run(ctx) -> None:
         inputs, labels = splits[name]
         start, stop = shard_ranges(len(labels), layout.world_size)[layout.rank]
         folder = embeddings_dir(ctx, name)
+        if ctx.is_main and folder.exists():  # an unfinished earlier attempt, maybe on more ranks
+            shutil.rmtree(folder)
+        layout.barrier()
 
         def batches(start=start, stop=stop, inputs=inputs, labels=labels, name=name):
             step = config.encoder.batch_size

@@ -88,14 +88,17 @@ def run(ctx) -> None:
         return
     index = ShardIndex.load(str(init_folder(ctx)))
     num_channels = int(index.feature_shape[-1])
-    splitter = build_splitter(config, num_channels)
+    splitter = build_splitter(config, num_channels).to(ctx.device)
     bottleneck = build_bottleneck(config, layout).to(ctx.device)
     method = config.init.method
     in_memory = index.num_samples * math.prod(index.feature_shape) * 4 / layout.world_size < IN_MEMORY_BYTES
     sse = []
     if "kmeans" in method:
         stream = ShardStream(index, batch_size=config.init.batch_size, rank=layout.rank, world_size=layout.world_size, seed=config.run.seed)
-        kmeans_args = dict(num_iters=config.init.kmeans_iters, seed=config.run.seed, to_heads=lambda x: to_heads(splitter, x))
+        kmeans_args = dict(
+            num_iters=config.init.kmeans_iters, seed=config.run.seed, device=ctx.device,
+            to_heads=lambda x: to_heads(splitter, x),
+        )
         num_pairs = config.bottleneck.key_value_pairs_per_codebook
         if in_memory:
             passes = _ReplayedPass(stream.features_and_ids())

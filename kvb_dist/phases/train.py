@@ -82,7 +82,7 @@ class BottleneckLearner:
     def __init__(self, ctx, init_state, train):
         self.ctx = ctx
         config = ctx.config
-        self.splitter = initialize.build_splitter(config, train["features"].shape[1])
+        self.splitter = initialize.build_splitter(config, train["features"].shape[1]).to(ctx.device)
         self.splitter.load_state_dict(init_state["splitter"])
         self.bottleneck = initialize.build_bottleneck(config, ctx.layout).to(ctx.device)
         self.bottleneck.load_full_state_dict(init_state["bottleneck"])
