@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import run_ranks
+from kvb_dist.spawn import run_ranks
 from kvb_dist.data import (
     ShardIndex,
     ShardStream,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import run_ranks
+from kvb_dist.spawn import run_ranks
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.codebook import smoothed_cluster_size
 from kvb_dist.data import ShardStream, write_arrays

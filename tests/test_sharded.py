@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distributed import run_ranks
+from kvb_dist.spawn import run_ranks
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.parallel import ParallelLayout, shard_ranges, shard_sizes
 from kvb_dist.sharded import ShardedKeyValueBottleneck, prepare_for_ddp
