@@ -200,8 +200,8 @@ class ParallelLayout:
         send = heads_cik.contiguous().reshape(-1)  # codebook-major: each owner's rows are contiguous
         send_splits = [(b - a) * local * dim for a, b in ranges]
         recv_splits = [(stop - start) * q * dim for q in peers]
-        received = send.new_empty(sum(recv_splits))
-        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.shard_group)
+        # Differentiable: gradients of the owners' results (distances) reach the heads.
+        received = _AllToAll.apply(send, recv_splits, send_splits, self.shard_group)
         parts = received.split(recv_splits)
         routed.owned_cik = torch.cat([p.view(stop - start, q, dim) for p, q in zip(parts, peers)], dim=1)
         return routed

@@ -58,12 +58,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from kvb_dist.tracking import Tracker
 
     # Without a GPU, Accelerator(cpu=True) is what makes torchrun / accelerate launch start a
-    # gloo process group; a plain Accelerator() would report one process on every rank.
+    # gloo process group; a plain Accelerator() would report one process on every rank. With
+    # GPUs, small bookkeeping collectives (sizes, flags, seeds) run on CPU tensors: NCCL for
+    # CUDA tensors, gloo for CPU ones.
+    cuda = torch.cuda.is_available()
+    process_group = InitProcessGroupKwargs(
+        timeout=timedelta(seconds=args.timeout), backend="cuda:nccl,cpu:gloo" if cuda else None
+    )
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not cuda,
         log_with="wandb" if config.run.tracker == "wandb" else None,
         project_dir=str(config.run_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))],
+        kwargs_handlers=[process_group],
     )
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,

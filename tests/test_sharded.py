@@ -174,6 +174,13 @@ def ddp_and_faults_worker(rank, world_size):
         dense_weight=model.project.weight.detach().clone(),
         value_grad_finite=bool(torch.isfinite(model.bottleneck.values.grad).all()),
     )
+    # Distances stay differentiable w.r.t. the heads through the routing.
+    heads = torch.randn(3, 5, 3, requires_grad=True)
+    distance_module = ShardedKeyValueBottleneck(5, 16, 3, 4, layout=layout, seed=7, return_values_only=False)
+    distance_module.freeze_keys()
+    distance_module(heads)[3].sum().backward()
+    expected_grad = -2 * (heads.detach()[:, :, None, :] - distance_module(heads.detach())[1]).sum(2)
+    report["heads_grad_ok"] = bool(torch.allclose(heads.grad, expected_grad, atol=1e-5))
     # A configuration that differs on one rank is an error everywhere, not a hang.
     try:
         ShardedKeyValueBottleneck(5, 16 + rank, 3, 4, layout=layout)
@@ -202,6 +209,7 @@ def test_ddp_wrap_faults_and_mismatched_configuration():
     assert [r["first_codebook"] for r in reports] == [0, 3]
     torch.testing.assert_close(reports[0]["dense_weight"], reports[1]["dense_weight"])  # DDP synced dense params
     assert all(r["value_grad_finite"] for r in reports)
+    assert all(r["heads_grad_ok"] for r in reports)
     for r in reports:
         assert r["mismatch_error"] is not None and "key_value_pairs_per_codebook" in r["mismatch_error"]
         assert r["input_error"] is not None and "rank(s) [1]" in r["input_error"]

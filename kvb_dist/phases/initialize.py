@@ -118,6 +118,8 @@ def run(ctx) -> None:
             index, batch_size=local_batch, rank=layout.rank, world_size=layout.world_size,
             seed=config.run.seed, batches_per_epoch=num_batches,
         )
+        # In memory, every epoch replays the first epoch's batches in the same order (streamed
+        # epochs reshuffle); both are deterministic for a seed and a world size.
         replay = _ReplayedPass(lockstep(stream, layout.all_reduce_world)) if in_memory else None
         step = 0
         for epoch in range(config.init.ema_epochs):

@@ -235,9 +235,12 @@ def train_step(ctx, learner, optimizer, rows, labels) -> torch.Tensor:
 def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
     """Accuracy on each task's test samples; each rank evaluates a part, counts are summed."""
     layout = ctx.layout
-    masking = isinstance(learner, BottleneckLearner) and ctx.config.train.mask_unused_pairs
+    bottleneck = learner.bottleneck if isinstance(learner, BottleneckLearner) else None
+    masking = bottleneck is not None and ctx.config.train.mask_unused_pairs
+    if bottleneck is not None:  # usage counts training only: evaluation must not add to them
+        counter = bottleneck.cluster_size_counter.clone()
     if masking:  # never-used pairs are excluded from the lookup, as in the paper
-        learner.bottleneck.deactivate_counts()
+        bottleneck.deactivate_counts()
     ranges = shard_ranges(test["labels"].shape[0], layout.world_size)
     start, stop = ranges[layout.rank]
     widest = max(b - a for a, b in ranges)
@@ -246,8 +249,9 @@ def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
         for first in range(0, widest, LOOKUP_CHUNK):
             rows = slice(start + first, min(start + first + LOOKUP_CHUNK, stop))
             predictions.append(learner.eval_logits(test["features"][rows]).argmax(-1).cpu())
-    if masking:
-        learner.bottleneck.activate_counts()
+    if bottleneck is not None:
+        bottleneck.activate_counts()
+        bottleneck.cluster_size_counter.copy_(counter)
     predicted = torch.cat(predictions)
     labels = test["labels"][start:stop]
     counts = torch.zeros(len(tasks), 2, dtype=torch.float64)
