@@ -19,7 +19,7 @@ from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_st
 from kvb_dist.kmeans import streaming_kmeans
 from kvb_dist.phases.freeze import embeddings_dir
 from kvb_dist.sharded import ShardedKeyValueBottleneck
-from kvb_dist.splitters import Chunker, RandomDownProjection
+from kvb_dist.splitters import make_splitter
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ def build_splitter(config, num_channels: int) -> torch.nn.Module:
     """Embedding [b, d] -> heads; identical on every rank (seeded)."""
     b = config.bottleneck
     torch.manual_seed(config.run.seed)
-    if b.splitting_mode == "chunk":
-        return Chunker(b.num_codebooks, num_channels, b.dim_keys)
-    return RandomDownProjection(b.num_codebooks, num_channels, b.dim_keys)
+    return make_splitter(b.splitting_mode, b.num_codebooks, num_channels, b.dim_keys)
 
 
 def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
