@@ -159,6 +159,13 @@ class ParallelLayout:
         dist.all_gather(out, tensor.contiguous(), group=self.world_group)
         return torch.stack(out)
 
+    def all_gather_rows(self, local: torch.Tensor, rows_per_rank: Sequence[int]) -> torch.Tensor:
+        """Every rank's [rows, ...] tensor, concatenated in rank order; row counts may differ."""
+        padded = local.new_zeros(max(rows_per_rank), *local.shape[1:])
+        padded[: local.shape[0]] = local
+        gathered = self.all_gather_world(padded)
+        return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
+
     def broadcast_world(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_group is not None:
             dist.broadcast(tensor, src=src, group=self.world_group)

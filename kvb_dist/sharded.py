@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kvb_dist.codebook import pair_counts
 from kvb_dist.core import KeyValueBottleneck, _arrange
-from kvb_dist.parallel import ParallelLayout
+from kvb_dist.parallel import ParallelLayout, shard_sizes
 
 # Arguments every rank must agree on, in the order they are compared.
 _AGREED = (
@@ -145,12 +145,10 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
 
     def gather_codebooks(self, local: torch.Tensor) -> torch.Tensor:
         """[C_mine, ...] per-codebook tensor -> [C, ...] for all codebooks (collective: every rank calls)."""
-        ranges = self.layout.codebook_ranges(self.num_codebooks)
-        padded = local.new_zeros(max(b - a for a, b in ranges), *local.shape[1:])
-        padded[: local.shape[0]] = local
-        gathered = self.layout.all_gather_world(padded)
-        # Replica 0's shard ranks hold every codebook once, in order.
-        return torch.cat([gathered[s, : b - a] for s, (a, b) in enumerate(ranges)])
+        layout = self.layout
+        sizes = shard_sizes(self.num_codebooks, layout.num_shards)
+        gathered = layout.all_gather_rows(local, [sizes[r % layout.num_shards] for r in range(layout.world_size)])
+        return gathered[: self.num_codebooks]  # replica 0's shard ranks hold every codebook once, in order
 
     def local_codebooks(self, full: torch.Tensor) -> torch.Tensor:
         """[C, ...] -> the rows of the codebooks this rank holds."""

@@ -64,6 +64,19 @@ def rows_of(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return torch.nonzero(torch.isin(labels, torch.tensor(classes)), as_tuple=True)[0]
 
 
+def rank_chunks(num_rows: int, layout):
+    """This rank's contiguous part of num_rows, in chunks of LOOKUP_CHUNK rows, and every rank's range.
+
+    Every rank gets the same number of chunks (the last ones may be empty): each chunk is a
+    forward of the sharded bottleneck, a collective call.
+    """
+    ranges = shard_ranges(num_rows, layout.world_size)
+    start, stop = ranges[layout.rank]
+    widest = max(b - a for a, b in ranges)
+    chunks = [slice(start + first, min(start + first + LOOKUP_CHUNK, stop)) for first in range(0, widest, LOOKUP_CHUNK)]
+    return chunks, ranges
+
+
 def global_batch(pool: torch.Tensor, size: int, seed: int, stream: int, task: int, step: int) -> torch.Tensor:
     """Rows of the global batch of a step: a pure function of its arguments."""
     picks = counter_randint(torch.tensor(seed), len(pool), torch.tensor(stream), torch.tensor(task), torch.tensor(step), torch.arange(size))
@@ -101,21 +114,12 @@ class BottleneckLearner:
 
     def lookup_indices(self, features: torch.Tensor) -> torch.Tensor:
         """Indices [N, C, t] of every sample: each rank looks up a part, all gather the whole."""
-        layout = self.ctx.layout
-        ranges = shard_ranges(features.shape[0], layout.world_size)
-        start, stop = ranges[layout.rank]
-        widest = max(b - a for a, b in ranges)
-        parts = []
+        chunks, ranges = rank_chunks(features.shape[0], self.ctx.layout)
         with torch.no_grad():
-            for first in range(0, widest, LOOKUP_CHUNK):  # same number of calls on every rank
-                rows = slice(start + first, min(start + first + LOOKUP_CHUNK, stop))
-                parts.append(self.bottleneck(self.heads(features[rows]))[2][..., 0].cpu())
+            parts = [self.bottleneck(self.heads(features[rows]))[2][..., 0].cpu() for rows in chunks]
         topk = self.bottleneck.topk
         mine = torch.cat(parts) if parts else torch.zeros(0, self.bottleneck.num_codebooks, topk, dtype=torch.long)
-        padded = mine.new_zeros(widest, *mine.shape[1:])
-        padded[: mine.shape[0]] = mine
-        gathered = layout.all_gather_world(padded)
-        return torch.cat([gathered[r, : b - a] for r, (a, b) in enumerate(ranges)])
+        return self.ctx.layout.all_gather_rows(mine, [b - a for a, b in ranges])
 
     def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
         values = self.bottleneck.values_at(self.train_indices[rows].to(self.ctx.device))  # [b, C, t, v]
@@ -241,14 +245,10 @@ def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
         counter = bottleneck.cluster_size_counter.clone()
     if masking:  # never-used pairs are excluded from the lookup, as in the paper
         bottleneck.deactivate_counts()
-    ranges = shard_ranges(test["labels"].shape[0], layout.world_size)
+    chunks, ranges = rank_chunks(test["labels"].shape[0], layout)
     start, stop = ranges[layout.rank]
-    widest = max(b - a for a, b in ranges)
-    predictions = []
     with torch.no_grad():
-        for first in range(0, widest, LOOKUP_CHUNK):
-            rows = slice(start + first, min(start + first + LOOKUP_CHUNK, stop))
-            predictions.append(learner.eval_logits(test["features"][rows]).argmax(-1).cpu())
+        predictions = [learner.eval_logits(test["features"][rows]).argmax(-1).cpu() for rows in chunks]
     if bottleneck is not None:
         bottleneck.activate_counts()
         bottleneck.cluster_size_counter.copy_(counter)
