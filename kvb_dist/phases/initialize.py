@@ -64,16 +64,6 @@ def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyVal
 IN_MEMORY_BYTES = 1 << 30
 
 
-class _ReplayedPass:
-    """The batches of one pass over this rank's shards, replayed for every later pass."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def init_folder(ctx):
     folder = embeddings_dir(ctx, "init")
     return folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")
@@ -99,7 +89,7 @@ def run(ctx) -> None:
         )
         num_pairs = config.bottleneck.key_value_pairs_per_codebook
         if in_memory:
-            passes = _ReplayedPass(stream.features_and_ids())
+            passes = list(stream.features_and_ids())  # one pass read, replayed by every iteration
             stream.check_bad_shards(layout.all_reduce_world)
             result = streaming_kmeans(passes, num_pairs, layout, **kmeans_args)
         else:
@@ -118,7 +108,7 @@ def run(ctx) -> None:
         )
         # In memory, every epoch replays the first epoch's batches in the same order (streamed
         # epochs reshuffle); both are deterministic for a seed and a world size.
-        replay = _ReplayedPass(lockstep(stream, layout.all_reduce_world)) if in_memory else None
+        replay = list(lockstep(stream, layout.all_reduce_world)) if in_memory else None
         step = 0
         for epoch in range(config.init.ema_epochs):
             stream.set_epoch(epoch)
