@@ -33,6 +33,7 @@ from kvb_dist.codebook import (
     nearest_keys,
     no_reduce,
 )
+from kvb_dist.native import fused_nearest_means
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,28 @@ def kmeans_plus_plus(samples_cnk: torch.Tensor, num_pairs: int, seed: int, first
 ASSIGN_CHUNK_ELEMENTS = 1 << 20
 
 
+def _fused_kernel(queries_cik: torch.Tensor):
+    """kvb_dist.native's kernel where it applies (float32 on the CPU), else None."""
+    if queries_cik.device.type != "cpu" or queries_cik.dtype != torch.float32:
+        return None
+    return fused_nearest_means()
+
+
+def _run_chunks(queries_cik, num_pairs: int, chunk_elements: int, pool, work) -> None:
+    """work(worker, chunks) over (codebook, first row, end row) chunks of about chunk_elements
+    distances each, split over the pool's threads (worker 0 alone without a pool)."""
+    num_codebooks, num_queries, _ = queries_cik.shape
+    rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
+    chunks = [(c, i0, min(i0 + rows_per_chunk, num_queries))
+              for c in range(num_codebooks) for i0 in range(0, num_queries, rows_per_chunk)]
+    workers = 1 if pool is None else min(pool._max_workers, len(chunks))
+    if workers <= 1:
+        work(0, chunks)
+    else:
+        for future in [pool.submit(work, w, chunks[w::workers]) for w in range(workers)]:
+            future.result()
+
+
 def nearest_means(
     queries_cik: torch.Tensor,
     means_cjk: torch.Tensor,
@@ -229,9 +252,10 @@ def nearest_means(
     """Index [c, i] of the nearest mean of every query (the first one on ties, as argmin) and
     the squared distance [c, i] to it.
 
-    The k-means assignment only, tuned for it: |m|^2 - 2 q.m by GEMM on chunks that stay in
-    cache, and the two-level argmin of codebook.best_in_rows. With a thread pool the chunks run on its
-    threads (each chunk's ops on one thread; see streaming_kmeans); the result is the same.
+    On the CPU: the fused kernel of kvb_dist.native, which never writes the [i, j] distances.
+    Elsewhere (or without a C compiler): |m|^2 - 2 q.m by GEMM on chunks that stay in cache,
+    then the two-level argmin of codebook.best_in_rows. With a thread pool the chunks run on
+    its threads (see chunk_threads); the result is the same.
     """
     num_codebooks, num_queries, _ = queries_cik.shape
     num_pairs = means_cjk.shape[1]
@@ -239,29 +263,74 @@ def nearest_means(
     distances = torch.empty(num_codebooks, num_queries, dtype=torch.float32, device=queries_cik.device)
     if num_queries == 0 or num_codebooks == 0:
         return indices, distances
+    fused = _fused_kernel(queries_cik)
     means_sq = means_cjk.pow(2).sum(-1)
-    means_ckj = means_cjk.transpose(1, 2).contiguous()
+    means_operand = (-2 * means_cjk).contiguous() if fused is not None else means_cjk.transpose(1, 2).contiguous()
     rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
-    chunks = [(c, i0, min(i0 + rows_per_chunk, num_queries))
-              for c in range(num_codebooks) for i0 in range(0, num_queries, rows_per_chunk)]
 
-    def assign(worker_chunks) -> None:
+    # Chunks are disjoint slices of indices and distances: safe to fill from several threads.
+    def assign(worker: int, chunks) -> None:
+        if fused is not None:
+            for c, i0, i1 in chunks:
+                fused(queries_cik[c, i0:i1], means_operand[c], means_sq[c], indices[c, i0:i1], distances[c, i0:i1])
+            return
         buffer = queries_cik.new_empty(rows_per_chunk, num_pairs)
-        for c, i0, i1 in worker_chunks:
-            n = i1 - i0
-            partial = torch.addmm(means_sq[c], queries_cik[c, i0:i1], means_ckj[c], alpha=-2, out=buffer[:n])
+        for c, i0, i1 in chunks:
+            queries = queries_cik[c, i0:i1]
+            partial = torch.addmm(means_sq[c], queries, means_operand[c], alpha=-2, out=buffer[: i1 - i0])
             best, index = best_in_rows(partial, largest=False)
             indices[c, i0:i1] = index
-            distances[c, i0:i1] = best  # disjoint slices per chunk: safe from several threads
+            torch.add(best, queries.pow(2).sum(-1), out=distances[c, i0:i1])
 
-    workers = 1 if pool is None else min(pool._max_workers, len(chunks))
-    if workers <= 1:
-        assign(chunks)
-    else:
-        for future in [pool.submit(assign, chunks[w::workers]) for w in range(workers)]:
-            future.result()
-    distances += queries_cik.pow(2).sum(-1)
+    _run_chunks(queries_cik, num_pairs, chunk_elements, pool, assign)
     return indices, distances
+
+
+def accumulate_assignments_(
+    queries_cik: torch.Tensor,
+    means_cjk: torch.Tensor,
+    counts_cj: torch.Tensor,
+    sums_cjk: torch.Tensor,
+    sse_c: torch.Tensor,
+    chunk_elements: int = ASSIGN_CHUNK_ELEMENTS,
+    pool: Optional[ThreadPoolExecutor] = None,
+) -> None:
+    """One Lloyd step's statistics: adds every query to its nearest mean's count [c, j] and sum
+    [c, j, k], and its squared distance to the SSE [c] (float64 accumulators, in place).
+
+    With the fused kernel the accumulation happens inside it, per worker thread (each on its own
+    accumulators, summed at the end), so the whole step runs on the pool's threads.
+    """
+    num_codebooks, num_queries, dim = queries_cik.shape
+    num_pairs = means_cjk.shape[1]
+    if num_queries == 0 or num_codebooks == 0:
+        return
+    fused = _fused_kernel(queries_cik)
+    if fused is None:
+        indices, distances = nearest_means(queries_cik, means_cjk, chunk_elements, pool)
+        batch_counts, batch_sums = assignment_statistics(queries_cik, indices, num_pairs)
+        counts_cj += batch_counts
+        sums_cjk += batch_sums
+        sse_c += distances.clamp(min=0).sum(1, dtype=torch.float64)  # may round below zero on a mean
+        return
+    means_sq = means_cjk.pow(2).sum(-1)
+    minus_two_means = (-2 * means_cjk).contiguous()
+    accumulators = {0: (counts_cj, sums_cjk, sse_c)}
+
+    def accumulate(worker: int, chunks) -> None:
+        if worker not in accumulators:
+            accumulators[worker] = (torch.zeros_like(counts_cj), torch.zeros_like(sums_cjk), torch.zeros_like(sse_c))
+        counts, sums, sse = accumulators[worker]
+        for c, i0, i1 in chunks:
+            fused(queries_cik[c, i0:i1], minus_two_means[c], means_sq[c],
+                  counts_j=counts[c], sums_jk=sums[c], sse_1=sse[c : c + 1])
+
+    _run_chunks(queries_cik, num_pairs, chunk_elements, pool, accumulate)
+    for worker, (counts, sums, sse) in accumulators.items():
+        if worker != 0:
+            counts_cj += counts
+            sums_cjk += sums
+            sse_c += sse
 
 
 @contextmanager
@@ -491,14 +560,7 @@ def _lloyd_pass(data, to_heads, means_cjk, layout, num_codebooks: int, dim: int,
         queries_per_rank = [int(n) for n in status[:, 0]]
         offered += sum(queries_per_rank)
         owned = layout.route_to_owners(queries, queries_per_rank).owned_cik
-        if owned.shape[1] == 0 or num_local == 0:
-            continue
-        indices, distances = nearest_means(owned, means_cjk, chunk_elements, pool)
-        batch_counts, batch_sums = assignment_statistics(owned, indices, num_pairs)
-        counts += batch_counts
-        sums += batch_sums
-        # |q|^2 + |m|^2 - 2 q.m may round below zero for a query on its mean.
-        sse += distances.clamp(min=0).sum(1, dtype=torch.float64)
+        accumulate_assignments_(owned, means_cjk, counts, sums, sse, chunk_elements, pool)
 
 
 def streaming_kmeans(

@@ -15,8 +15,10 @@ from kvb_dist.spawn import run_ranks
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.codebook import smoothed_cluster_size
 from kvb_dist.data import ShardStream, write_arrays
+from kvb_dist import kmeans as kmeans_module, native
 from kvb_dist.kmeans import (
     ChunkHeads,
+    accumulate_assignments_,
     InMemoryBatches,
     heads_to_queries,
     kmeans_plus_plus,
@@ -161,7 +163,17 @@ def test_kmeans_plus_plus_picks_distinct_data_points_deterministically():
         kmeans_plus_plus(samples, 100, seed=1)
 
 
-def test_nearest_means_matches_brute_force_and_breaks_ties_like_argmin():
+@pytest.fixture(params=["fused", "gemm"])
+def assignment_kernel(request, monkeypatch):
+    """Runs a test with the fused C kernel of kvb_dist.native and with the GEMM + argmin fallback."""
+    if request.param == "gemm":
+        monkeypatch.setattr(kmeans_module, "fused_nearest_means", lambda: None)
+    else:
+        assert kmeans_module.fused_nearest_means() is not None, "the fused kernel did not build (C compiler?)"
+    return request.param
+
+
+def test_nearest_means_matches_brute_force_and_breaks_ties_like_argmin(assignment_kernel):
     g = torch.Generator().manual_seed(0)
     for num_pairs in (5, 64, 96, 256, 4096):
         queries = torch.randn(3, 301, 4, generator=g)
@@ -177,11 +189,49 @@ def test_nearest_means_matches_brute_force_and_breaks_ties_like_argmin():
         assert torch.equal(indices, nearest_means(queries, means)[0])  # chunking does not matter
 
 
+def test_accumulated_statistics_match_brute_force(assignment_kernel):
+    """Counts, sums and SSE of one Lloyd step, from strided queries (as heads_to_queries gives
+    them), with and without threads, added onto what the accumulators held."""
+    g = torch.Generator().manual_seed(1)
+    num_codebooks, num_pairs, dim = 3, 40, 16
+    queries = heads_to_queries(torch.randn(997, num_codebooks, dim, generator=g))
+    assert not queries.is_contiguous()
+    means = torch.randn(num_codebooks, num_pairs, dim, generator=g)
+    exact = torch.cdist(queries.double(), means.double()).pow(2)
+    nearest = exact.argmin(-1)
+    one_hot = torch.nn.functional.one_hot(nearest, num_pairs).double()
+    expected_counts, expected_sums = one_hot.sum(1), one_hot.transpose(1, 2) @ queries.double()
+    expected_sse = exact.min(-1).values.sum(-1)
+    for pool in (None, ThreadPoolExecutor(2)):
+        counts = torch.ones(num_codebooks, num_pairs, dtype=torch.float64)
+        sums = torch.ones(num_codebooks, num_pairs, dim, dtype=torch.float64)
+        sse = torch.ones(num_codebooks, dtype=torch.float64)
+        accumulate_assignments_(queries, means, counts, sums, sse, chunk_elements=4096, pool=pool)
+        assert torch.equal(counts, expected_counts + 1)
+        assert torch.allclose(sums, expected_sums + 1, atol=1e-4)
+        assert torch.allclose(sse, expected_sse + 1, rtol=1e-5)
+
+
+def test_fused_kernel_falls_back_without_a_compiler(monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="nonexistent"):
+        native.build()
+    monkeypatch.setattr(native, "_loaded", {})  # as in a fresh process
+    with caplog.at_level("WARNING", logger="kvb_dist.native"):
+        assert native.fused_nearest_means() is None
+    assert "GEMM" in caplog.text
+    # k-means still runs, on the fallback.
+    x = blobs(64)
+    result = streaming_kmeans(InMemoryBatches(x, 16), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS), num_iters=2,
+                              max_points_per_centroid=None)
+    assert torch.isfinite(result.means).all() and len(result.sse_history) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # One process
 
 
-def test_streaming_kmeans_matches_reference_lloyd_and_any_batching():
+def test_streaming_kmeans_matches_reference_lloyd_and_any_batching(assignment_kernel):
     x = blobs(300)
     samples = heads_to_queries(ChunkHeads(NUM_CODEBOOKS)(x))
     init = samples[:, 10 : 10 + PAIRS].clone()
