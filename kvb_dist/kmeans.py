@@ -230,17 +230,16 @@ def _fused_kernel(queries_cik: torch.Tensor):
 
 def _run_chunks(queries_cik, num_pairs: int, chunk_elements: int, pool, work) -> None:
     """work(worker, chunks) over (codebook, first row, end row) chunks of about chunk_elements
-    distances each, split over the pool's threads (worker 0 alone without a pool)."""
+    distances each, split over this thread (worker 0) and the pool's threads."""
     num_codebooks, num_queries, _ = queries_cik.shape
     rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
     chunks = [(c, i0, min(i0 + rows_per_chunk, num_queries))
               for c in range(num_codebooks) for i0 in range(0, num_queries, rows_per_chunk)]
-    workers = 1 if pool is None else min(pool._max_workers, len(chunks))
-    if workers <= 1:
-        work(0, chunks)
-    else:
-        for future in [pool.submit(work, w, chunks[w::workers]) for w in range(workers)]:
-            future.result()
+    workers = 1 if pool is None else min(1 + pool._max_workers, len(chunks))
+    others = [pool.submit(work, w, chunks[w::workers]) for w in range(1, workers)]
+    work(0, chunks[::workers])
+    for future in others:
+        future.result()
 
 
 def nearest_means(
@@ -299,7 +298,7 @@ def accumulate_assignments_(
     [c, j, k], and its squared distance to the SSE [c] (float64 accumulators, in place).
 
     With the fused kernel the accumulation happens inside it, per worker thread (each on its own
-    accumulators, summed at the end), so the whole step runs on the pool's threads.
+    accumulators, summed at the end), so the whole step runs on all the threads.
     """
     num_codebooks, num_queries, dim = queries_cik.shape
     num_pairs = means_cjk.shape[1]
@@ -335,8 +334,8 @@ def accumulate_assignments_(
 
 @contextmanager
 def chunk_threads(num_threads: int):
-    """A pool of num_threads threads for nearest_means, with torch's intra-op threads at one
-    meanwhile (restored after). Chunks then run side by side without an OpenMP barrier per op:
+    """The threads for nearest_means and accumulate_assignments_ (the calling thread and a pool of
+    num_threads - 1), with torch's intra-op threads at one meanwhile (restored after). Chunks then run side by side without an OpenMP barrier per op:
     on a busy machine every barrier can wait a scheduler slice for a descheduled thread, which
     made many small parallel ops 10-30x slower than one thread."""
     if num_threads <= 1:
@@ -345,7 +344,7 @@ def chunk_threads(num_threads: int):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(num_threads, thread_name_prefix="kmeans") as pool:
+        with ThreadPoolExecutor(num_threads - 1, thread_name_prefix="kmeans") as pool:
             yield pool
     finally:
         torch.set_num_threads(previous)
