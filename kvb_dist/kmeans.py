@@ -222,10 +222,14 @@ ASSIGN_CHUNK_ELEMENTS = 1 << 20
 
 
 def _fused_kernel(queries_cik: torch.Tensor):
-    """kvb_dist.native's kernel where it applies (float32 on the CPU), else None."""
+    """(kvb_dist.native's kernel, the queries as it takes them: rows with a contiguous last dim)
+    where it applies (float32 on the CPU), else (None, the queries)."""
     if queries_cik.device.type != "cpu" or queries_cik.dtype != torch.float32:
-        return None
-    return fused_nearest_means()
+        return None, queries_cik
+    fused = fused_nearest_means()
+    if fused is not None and queries_cik.stride(-1) != 1:
+        queries_cik = queries_cik.contiguous()
+    return fused, queries_cik
 
 
 def _run_chunks(queries_cik, num_pairs: int, chunk_elements: int, pool, work) -> None:
@@ -262,7 +266,7 @@ def nearest_means(
     distances = torch.empty(num_codebooks, num_queries, dtype=torch.float32, device=queries_cik.device)
     if num_queries == 0 or num_codebooks == 0:
         return indices, distances
-    fused = _fused_kernel(queries_cik)
+    fused, queries_cik = _fused_kernel(queries_cik)
     means_sq = means_cjk.pow(2).sum(-1)
     means_operand = (-2 * means_cjk).contiguous() if fused is not None else means_cjk.transpose(1, 2).contiguous()
     rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
@@ -304,7 +308,7 @@ def accumulate_assignments_(
     num_pairs = means_cjk.shape[1]
     if num_queries == 0 or num_codebooks == 0:
         return
-    fused = _fused_kernel(queries_cik)
+    fused, queries_cik = _fused_kernel(queries_cik)
     if fused is None:
         indices, distances = nearest_means(queries_cik, means_cjk, chunk_elements, pool)
         batch_counts, batch_sums = assignment_statistics(queries_cik, indices, num_pairs)
@@ -334,10 +338,11 @@ def accumulate_assignments_(
 
 @contextmanager
 def chunk_threads(num_threads: int):
-    """The threads for nearest_means and accumulate_assignments_ (the calling thread and a pool of
-    num_threads - 1), with torch's intra-op threads at one meanwhile (restored after). Chunks then run side by side without an OpenMP barrier per op:
-    on a busy machine every barrier can wait a scheduler slice for a descheduled thread, which
-    made many small parallel ops 10-30x slower than one thread."""
+    """The threads for nearest_means and accumulate_assignments_ (the calling thread and a pool
+    of num_threads - 1), with torch's intra-op threads at one meanwhile (restored after). Chunks
+    then run side by side without an OpenMP barrier per op: on a busy machine every barrier can
+    wait a scheduler slice for a descheduled thread, which made many small parallel ops 10-30x
+    slower than one thread."""
     if num_threads <= 1:
         yield None
         return

@@ -3,6 +3,7 @@ reference Lloyd, and 2 / 3 gloo ranks over split shards against one process over
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -191,7 +192,8 @@ def test_nearest_means_matches_brute_force_and_breaks_ties_like_argmin(assignmen
 
 def test_accumulated_statistics_match_brute_force(assignment_kernel):
     """Counts, sums and SSE of one Lloyd step, from strided queries (as heads_to_queries gives
-    them), with and without threads, added onto what the accumulators held."""
+    them, and with a strided last dim), with and without threads, added onto what the
+    accumulators held."""
     g = torch.Generator().manual_seed(1)
     num_codebooks, num_pairs, dim = 3, 40, 16
     queries = heads_to_queries(torch.randn(997, num_codebooks, dim, generator=g))
@@ -202,11 +204,12 @@ def test_accumulated_statistics_match_brute_force(assignment_kernel):
     one_hot = torch.nn.functional.one_hot(nearest, num_pairs).double()
     expected_counts, expected_sums = one_hot.sum(1), one_hot.transpose(1, 2) @ queries.double()
     expected_sse = exact.min(-1).values.sum(-1)
-    for pool in (None, ThreadPoolExecutor(2)):
+    strided_dim = queries.mT.contiguous().mT
+    for pool, rows in itertools.product((None, ThreadPoolExecutor(2)), (queries, strided_dim)):
         counts = torch.ones(num_codebooks, num_pairs, dtype=torch.float64)
         sums = torch.ones(num_codebooks, num_pairs, dim, dtype=torch.float64)
         sse = torch.ones(num_codebooks, dtype=torch.float64)
-        accumulate_assignments_(queries, means, counts, sums, sse, chunk_elements=4096, pool=pool)
+        accumulate_assignments_(rows, means, counts, sums, sse, chunk_elements=4096, pool=pool)
         assert torch.equal(counts, expected_counts + 1)
         assert torch.allclose(sums, expected_sums + 1, atol=1e-4)
         assert torch.allclose(sse, expected_sse + 1, rtol=1e-5)
