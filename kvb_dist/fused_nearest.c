@@ -1,6 +1,7 @@
 /* The k-means assignment for narrow heads, fused: for every query the nearest mean and the squared
- * distance |q|^2 + |m|^2 - 2 q.m to it, without writing the [queries, means] score matrix that a GEMM would (for heads of
- * dim 16 the GEMM's output traffic and the row argmin after it cost more than the arithmetic).
+ * distance |q|^2 + |m|^2 - 2 q.m to it, without writing the [queries, means] score matrix that a
+ * GEMM would (for heads of dim 16 the GEMM's output traffic and the row argmin after it cost more
+ * than the arithmetic).
  *
  * Queries go in blocks of one SIMD vector (transposed on the fly); means go KEYS_PER_STEP at a time
  * so that enough independent FMA chains are in flight. Plain C with GCC/Clang vector extensions;

@@ -268,19 +268,22 @@ def nearest_means(
         return indices, distances
     fused, queries_cik = _fused_kernel(queries_cik)
     means_sq = means_cjk.pow(2).sum(-1)
-    means_operand = (-2 * means_cjk).contiguous() if fused is not None else means_cjk.transpose(1, 2).contiguous()
+    if fused is not None:
+        minus_two_means = (-2 * means_cjk).contiguous()
+    else:
+        means_ckj = means_cjk.transpose(1, 2).contiguous()
     rows_per_chunk = max(1, min(num_queries, chunk_elements // num_pairs))
 
     # Chunks are disjoint slices of indices and distances: safe to fill from several threads.
     def assign(worker: int, chunks) -> None:
         if fused is not None:
             for c, i0, i1 in chunks:
-                fused(queries_cik[c, i0:i1], means_operand[c], means_sq[c], indices[c, i0:i1], distances[c, i0:i1])
+                fused(queries_cik[c, i0:i1], minus_two_means[c], means_sq[c], indices[c, i0:i1], distances[c, i0:i1])
             return
         buffer = queries_cik.new_empty(rows_per_chunk, num_pairs)
         for c, i0, i1 in chunks:
             queries = queries_cik[c, i0:i1]
-            partial = torch.addmm(means_sq[c], queries, means_operand[c], alpha=-2, out=buffer[: i1 - i0])
+            partial = torch.addmm(means_sq[c], queries, means_ckj[c], alpha=-2, out=buffer[: i1 - i0])
             best, index = best_in_rows(partial, largest=False)
             indices[c, i0:i1] = index
             torch.add(best, queries.pow(2).sum(-1), out=distances[c, i0:i1])
