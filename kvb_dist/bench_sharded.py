@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from kvb_dist.parallel import ParallelLayout
-from kvb_dist.sharded import ShardedKeyValueBottleneck
+from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 from kvb_dist.spawn import run_ranks
 
 PAPER = dict(num_codebooks=256, num_pairs=4096, dim_keys=14, dim_values=10, batch=256)

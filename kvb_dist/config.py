@@ -20,7 +20,7 @@ import yaml
 
 @dataclass
 class RunSection:
-    name: str = "run"
+    name: str = "digits"
     out_dir: str = "runs"  # the run folder is out_dir/name
     seed: int = 0
     checkpoint_every: int = 50  # training steps between checkpoints (and after every phase)
@@ -55,7 +55,7 @@ class EncoderSection:
 class BottleneckSection:
     num_codebooks: int = 64
     key_value_pairs_per_codebook: int = 512
-    dim_keys: int = 8
+    dim_keys: int = 32
     dim_values: int = 10
     splitting_mode: str = "random_projection"  # chunk | random_projection
     decay: float = 0.95

@@ -3,7 +3,7 @@
 Names, arguments, defaults, buffers and outputs follow the original `KeyValueBottleneck` so that
 user code and checkpoints carry over. The math lives in `kvb_dist.codebook`; this module holds
 the state and works on a contiguous slice of codebooks (all of them here), which is what lets
-`kvb_dist.sharded` reuse it for the codebooks one rank owns.
+`kvb_dist.distributed.sharded` reuse it for the codebooks one rank owns.
 
 Shape legend: b batch, c codebooks, n positions (spatial dims flattened), i = b * n queries,
 j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per query.
@@ -12,10 +12,11 @@ j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per quer
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from kvb_dist.codebook import (
@@ -36,6 +37,10 @@ from kvb_dist.codebook import (
 from kvb_dist.kmeans import lloyd_
 
 INIT_MODES = ("random", "kmeans")
+# The state-dict entries of the original code's KeyValueBottleneck.
+ORIGINAL_STATE_NAMES = ("initted", "cluster_size", "cluster_size_counter", "keys_avg", "keys", "values")
+# Buffers the codebook math reads and writes in float32 (see KeyValueBottleneck._apply).
+_FP32_STATE = ("keys", "keys_avg", "cluster_size", "cluster_size_counter", "initted")
 
 # Tags that keep the counter-based random streams apart.
 _TAG_KEYS, _TAG_VALUES, _TAG_NOISE, _TAG_REPLACE, _TAG_KMEANS = 1, 2, 3, 4, 5
@@ -70,12 +75,47 @@ class Lookup(NamedTuple):
     scores: Optional[torch.Tensor]  # [c, i, t] -||query - key||^2, differentiable w.r.t. the query
 
 
+class BottleneckOutput(tuple):
+    """``(values, keys, indices, distances)``: the four outputs the original README documents.
+
+    It unpacks to exactly those four and names them (``out.values``, ``out.indices``, ...);
+    ``out.counts`` holds the usage count of each fetched pair, which the original code returns
+    as a fifth element (its own README unpacks four, which fails there).
+    """
+
+    def __new__(cls, values, keys, indices, distances, counts):
+        out = super().__new__(cls, (values, keys, indices, distances))
+        out.counts = counts
+        return out
+
+    def __getnewargs__(self):  # pickle and copy rebuild it through __new__
+        return (*self, self.counts)
+
+    values = property(lambda self: self[0])
+    keys = property(lambda self: self[1])
+    indices = property(lambda self: self[2])
+    distances = property(lambda self: self[3])
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}={tuple(t.shape)}" for name, t in zip(("values", "keys", "indices", "distances"), self))
+        return f"BottleneckOutput({shapes}, counts={tuple(self.counts.shape)})"
+
+
+# A pytree node with counts as a child, so DDP, torch.func and friends keep it when they rebuild outputs.
+pytree.register_pytree_node(
+    BottleneckOutput,
+    lambda out: ([*out, out.counts], None),
+    lambda children, _: BottleneckOutput(*children),
+    serialized_type_name="kvb_dist.core.BottleneckOutput",
+)
+
+
 class KeyValueBottleneck(nn.Module):
     """Discrete key-value bottleneck: C codebooks of J (key, value) pairs.
 
     Input ``[batch, num_codebooks, *spatial, dim_keys]`` (any number of spatial dims, zero
-    included). Output, as in the original code, a tuple: ``(values,)`` when
-    ``return_values_only`` else ``(values, keys, indices, distances, counts)`` with
+    included). Output: ``(values,)`` when ``return_values_only`` else a `BottleneckOutput`
+    that unpacks to ``(values, keys, indices, distances)`` and has ``.counts``, with
 
     - values    ``[batch, num_codebooks, t, *spatial, dim_values]``
     - keys      ``[batch, num_codebooks, t, *spatial, dim_keys]``
@@ -159,6 +199,19 @@ class KeyValueBottleneck(nn.Module):
         # Dead pairs replaced so far (held here; not part of the checkpointed state).
         self.num_replaced_pairs = torch.zeros((), dtype=torch.int64)
 
+    def _apply(self, fn, recurse=True):
+        """`.double()`, `.half()`, `.to(dtype)` cast the values only: codebook state stays float32.
+
+        The lookup and the EMA run in fp32 whatever the module's dtype; the values are what the
+        decoder reads, so they follow the cast. Device moves apply to everything.
+        """
+        before = {name: self._buffers[name] for name in _FP32_STATE}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
     # ------------------------------------------------------------------------------------------
     # Forward
 
@@ -177,7 +230,7 @@ class KeyValueBottleneck(nn.Module):
             values = self.fetch_values(flat)
             if self.return_values_only:
                 return (values,)
-            return (
+            return BottleneckOutput(
                 values,
                 _arrange(lookup.keys, batch, spatial),
                 _arrange(lookup.indices, batch, spatial)[..., None],
@@ -264,7 +317,9 @@ class KeyValueBottleneck(nn.Module):
         learning = self.update_keys
         # Key statistics never carry gradients (heads may require grad, e.g. a learned splitter).
         detached = queries_cik.detach()
-        if learning and not bool(self.initted.item()):
+        # As in the original, k-means fits the keys on the first batch whatever the switches say
+        # (frozen keys, prepare(epochs=0), a checkpoint with initted 0): never all-zero keys.
+        if not bool(self.initted.item()):
             self._kmeans_init_(detached, first_query_id, num_global_queries, reduce_sum)
 
         excluded = None if self.count_cluster_size else self.cluster_size_counter == 0
@@ -338,7 +393,8 @@ class KeyValueBottleneck(nn.Module):
         means = reduce_sum(rows_by_query_id(queries_cik, first_query_id, codebook_index, wanted))
         means = means.view(num_local, num_pairs, self.dim_keys)
         counts = lloyd_(queries_cik, means, self.kmeans_iters, reduce_sum, self.chunk_elements)
-        self.set_keys_(means, counts)
+        # kmeans_iters=0 keeps the sampled heads as keys, each counted once.
+        self.set_keys_(means, counts if self.kmeans_iters > 0 else None)
 
     # ------------------------------------------------------------------------------------------
     # Keys from outside, switches and usage
@@ -372,6 +428,8 @@ class KeyValueBottleneck(nn.Module):
         return self
 
     def unfreeze_keys(self):
+        # The original also sets keys.requires_grad = True; keys are buffers learned by EMA and
+        # no optimizer sees them, so here they never require a gradient.
         self.update_keys = True
         return self
 
@@ -396,6 +454,14 @@ class KeyValueBottleneck(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
+
+    def original_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The state under exactly the original code's names (no random_state), for its load_state_dict.
+
+        state_dict() keeps random_state ([seed, step]) so that a kvb_dist run resumes exactly;
+        this is the export for the original code, which rejects extra entries with strict=True.
+        """
+        return {name: t for name, t in self.state_dict().items() if name in ORIGINAL_STATE_NAMES}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         expected = {
@@ -460,3 +526,30 @@ def _check_arguments(**args) -> None:
         raise ValueError(
             f"topk={args['topk']} must not exceed key_value_pairs_per_codebook={args['key_value_pairs_per_codebook']}"
         )
+
+
+# The original keeps its encoder wrappers in this module: `from kvb_dist.core import
+# BottleneckedEncoder` works as there (imported on first use; kvb_dist.encoders imports this module).
+_WRAPPERS = ("BottleneckedEncoder", "DinoBottleneckedEncoder", "EncoderOutput")
+_ORIGINAL_WRAPPERS_NOT_PROVIDED = (
+    "SwavBottleneckedEncoder",
+    "VICRegBottleneckedEncoder",
+    "SLPretrainedBottleneckedEncoder",
+    "CLIPBottleneckedEncoder",
+    "ConvMixerBottleneckedEncoder",
+)
+
+
+def __getattr__(name: str):
+    if name in _WRAPPERS:
+        from kvb_dist import encoders
+
+        return getattr(encoders, name)
+    if name in _ORIGINAL_WRAPPERS_NOT_PROVIDED:
+        raise ImportError(
+            f"kvb_dist does not ship {name}: wrap any pretrained encoder with "
+            f"BottleneckedEncoder(encoder, num_channels=<its output channels>, encoder_is_channel_last=..., ...) "
+            f"(see 'Differences from the original' in the README); DinoBottleneckedEncoder and "
+            f"EfficientNetBottleneckedEncoder are built in"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

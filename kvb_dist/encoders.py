@@ -12,7 +12,8 @@ Shape legend: b batch, d encoder channels (num_channels), *spatial the encoder's
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence
+import os
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import tqdm
@@ -20,6 +21,20 @@ from torch import nn
 
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.splitters import SPLITTING_MODES, make_splitter
+
+PathLike = Union[str, os.PathLike]
+
+
+class EncoderOutput(NamedTuple):
+    """What BottleneckedEncoder returns with return_values_only=False, in the original's order."""
+
+    values: torch.Tensor
+    keys: torch.Tensor
+    indices: torch.Tensor
+    distances: torch.Tensor
+    counts: torch.Tensor
+    heads: torch.Tensor
+    encoder_output: torch.Tensor
 
 
 class BottleneckedEncoder(nn.Module):
@@ -38,8 +53,11 @@ class BottleneckedEncoder(nn.Module):
     own bottleneck's 5-D output [b, c, topk, n, v]; here the topk axis t is kept and folded into
     the features.
 
-    With ``return_values_only=False`` it returns ``(values, keys, indices, distances, counts,
-    heads, encoder_output)``: keys ``[b, C, t, *spatial, k]`` and indices / distances / counts
+    With ``return_values_only=True`` (the default) that tensor alone, so that
+    ``nn.Sequential(bottlenecked_encoder, decoder)`` works; the original returns
+    ``(values, heads, encoder_output)`` there. With ``return_values_only=False`` an
+    `EncoderOutput` ``(values, keys, indices, distances, counts, heads, encoder_output)``, the
+    original's order: keys ``[b, C, t, *spatial, k]`` and indices / distances / counts
     ``[b, C, t, *spatial, 1]`` (never concatenated; for a channel-first encoder the last axis
     moves in front of the spatial dims, as for the values), heads ``[b, C, *spatial, k]`` (the
     bottleneck's input; channel-first: ``[b, C, k, *spatial]``), and the raw encoder output.
@@ -119,29 +137,39 @@ class BottleneckedEncoder(nn.Module):
 
     def forward(self, x):
         encoder_output = self._encode(x)
-        features_bnd, spatial = self._to_channel_last(encoder_output)
-        if self.frozen_splitter:
-            with torch.no_grad():
-                heads_bcnk = self.splitter(features_bnd)
-        else:
-            heads_bcnk = self.splitter(features_bnd)
-        batch = heads_bcnk.shape[0]
-        heads = heads_bcnk.reshape(batch, self.num_codebooks, *spatial, self.dim_keys)  # [b, C, *spatial, k]
+        heads_bcnk, spatial = self._split(encoder_output)
+        heads = heads_bcnk.reshape(*heads_bcnk.shape[:2], *spatial, self.dim_keys)  # [b, C, *spatial, k]
 
-        values, *extras = self.bottleneck(heads)  # values [b, C, t, *spatial, v]
-        values = self._arrange_values(values, spatial)
+        out = self.bottleneck(heads)
+        values = self._arrange_values(out[0], spatial)  # from [b, C, t, *spatial, v]
         if self.return_values_only:
             return values
-        keys, indices, distances, counts = (self._channel_axis_first(t, len(spatial)) for t in extras)
-        return values, keys, indices, distances, counts, self._channel_axis_first(heads, len(spatial)), encoder_output
+        keys, indices, distances, counts = (
+            self._channel_axis_first(t, len(spatial)) for t in (*out[1:], out.counts)
+        )
+        heads = self._channel_axis_first(heads, len(spatial))
+        return EncoderOutput(values, keys, indices, distances, counts, heads, encoder_output)
+
+    def forward_splitter(self, x) -> torch.Tensor:
+        """The heads of x, ``[b, C, n, k]`` with the spatial positions flattened into n (as the original)."""
+        return self._split(self._encode(x))[0]
 
     def _encode(self, x):
         if not self.frozen_encoder:
             return self.encoder(x)
-        if self.encoder.training:  # a frozen encoder is always used in eval mode (batch norm, dropout)
-            self.encoder.eval()
+        # A frozen encoder always runs in eval mode (batch norm statistics, dropout), whatever
+        # train() was called on, this module or any submodule of the encoder.
+        self.encoder.eval()
         with torch.no_grad():
             return self.encoder(x)
+
+    def _split(self, encoder_output: torch.Tensor):
+        """Encoder output -> heads [b, C, n, k] and the spatial shape to restore later."""
+        features_bnd, spatial = self._to_channel_last(encoder_output)
+        if self.frozen_splitter:
+            with torch.no_grad():
+                return self.splitter(features_bnd), spatial
+        return self.splitter(features_bnd), spatial
 
     def _to_channel_last(self, encoder_output: torch.Tensor):
         """Encoder output -> features [b, n, d] and the spatial shape to restore later."""
@@ -283,10 +311,19 @@ class BottleneckedEncoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Checkpoints (the original's format: the encoder is pretrained and not saved)
 
-    def save(self, path) -> None:
-        torch.save({"bottleneck": self.bottleneck.state_dict(), "splitter": self.splitter.state_dict()}, path)
+    def save(self, model_path: Optional[PathLike] = None, *, path: Optional[PathLike] = None) -> None:
+        """Bottleneck and splitter state (with kvb_dist's random_state, so a run resumes exactly)."""
+        model_path = _one_path(model_path, path)
+        torch.save({"bottleneck": self.bottleneck.state_dict(), "splitter": self.splitter.state_dict()}, model_path)
 
-    def load(self, path) -> "BottleneckedEncoder":
+    def export_original(self, model_path: PathLike) -> None:
+        """A checkpoint with exactly the original code's state names, which it loads with strict=True."""
+        bottleneck = self.bottleneck.original_state_dict()
+        torch.save({"bottleneck": bottleneck, "splitter": self.splitter.state_dict()}, model_path)
+
+    def load(self, model_path: Optional[PathLike] = None, *, path: Optional[PathLike] = None) -> "BottleneckedEncoder":
+        """Load `save`'s, `export_original`'s or the original code's checkpoints."""
+        path = _one_path(model_path, path)
         # weights_only: a checkpoint is data; never run pickled code from it.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         missing = [name for name in ("bottleneck", "splitter") if name not in checkpoint]
@@ -295,6 +332,13 @@ class BottleneckedEncoder(nn.Module):
         self.bottleneck.load_state_dict(checkpoint["bottleneck"])
         self.splitter.load_state_dict(checkpoint["splitter"])
         return self
+
+
+def _one_path(model_path: Optional[PathLike], path: Optional[PathLike]) -> PathLike:
+    """`model_path` is the original's name of the argument; `path` is accepted too."""
+    if (model_path is None) == (path is None):
+        raise TypeError("give the checkpoint file as model_path (or path), exactly once")
+    return model_path if path is None else path
 
 
 def _first_item(item):

@@ -62,5 +62,7 @@ def test_impossible_layout_without_processes():
     assert ParallelLayout.build(None).world_size == 1
 
 
-def test_defaults_are_valid():
+def test_defaults_are_valid_and_are_the_digits_demo():
+    # launch/run.py --help promises that running without --config is the digits demo.
     assert isinstance(load_config(), Config)
+    assert load_config().to_dict() == load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml").to_dict()

@@ -346,7 +346,7 @@ def run_kmeans(folder, layout, rank, world_size, batch_size, **args):
 
 def kmeans_worker(rank, world_size, folder):
     from kvb_dist.parallel import ParallelLayout
-    from kvb_dist.sharded import ShardedKeyValueBottleneck
+    from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 
     out = {}
     for num_shards in (world_size, 1):  # codebooks sharded over all ranks; all ranks replicas

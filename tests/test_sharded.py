@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from kvb_dist.spawn import run_ranks
-from kvb_dist.core import KeyValueBottleneck
+from kvb_dist.core import BottleneckOutput, KeyValueBottleneck
 from kvb_dist.parallel import ParallelLayout, shard_ranges, shard_sizes
-from kvb_dist.sharded import ShardedKeyValueBottleneck, prepare_for_ddp
+from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck, prepare_for_ddp
 
 LOCAL_BATCH = 6
 SPATIAL = (2,)
@@ -25,7 +25,25 @@ CONFIGS = {
         return_values_only=False, seed=99,
     ),
 }
+# Frozen before the first forward: k-means must still fit the keys on the first (global) batch.
+FROZEN_FROM_THE_START = {"kmeans_frozen": "kmeans"}
 LEARNING_STEPS = 3
+
+
+def module_config(name: str):
+    return CONFIGS[FROZEN_FROM_THE_START.get(name, name)]
+
+
+def make_module(name: str, layout=None):
+    """The sharded module on `layout`, or the single-process reference."""
+    config = module_config(name)
+    module = KeyValueBottleneck(**config) if layout is None else ShardedKeyValueBottleneck(**config, layout=layout)
+    return module.freeze_keys() if name in FROZEN_FROM_THE_START else module
+
+
+def detached(output):
+    """Every output of a forward, usage counts included."""
+    return [o.detach() for o in (*output, output.counts)]
 
 
 def global_batch(step: int, batch_sizes, config) -> torch.Tensor:
@@ -42,9 +60,9 @@ def run_protocol(module: KeyValueBottleneck, batches, loss_weights):
     """EMA steps with replacements, then frozen keys with counting, then masking + backward."""
     outputs = []
     for x in batches[:LEARNING_STEPS]:
-        outputs.append([o.detach() for o in module(x)])
+        outputs.append(detached(module(x)))
     module.freeze_keys()
-    frozen = [o.detach() for o in module(batches[LEARNING_STEPS])]
+    frozen = detached(module(batches[LEARNING_STEPS]))
     outputs.append(frozen)
     # Cached indices fetch the same values (and count usage again).
     cached = module.values_at(frozen[2][..., 0]).detach()
@@ -52,7 +70,7 @@ def run_protocol(module: KeyValueBottleneck, batches, loss_weights):
     outputs.append([cached])
     module.deactivate_counts()
     final = module(batches[LEARNING_STEPS + 1])
-    outputs.append([o.detach() for o in final])
+    outputs.append(detached(final))
     values = final[0]
     # Mean over the local batch of a per-sample loss, as data-parallel training does.
     (values * loss_weights).flatten(1).sum(1).mean().backward()
@@ -63,8 +81,9 @@ def sharded_worker(rank, world_size, layouts, batch_sizes):
     results = {}
     for num_shards in layouts:
         layout = ParallelLayout.build(num_shards)
-        for name, config in CONFIGS.items():
-            module = ShardedKeyValueBottleneck(**config, layout=layout)
+        for name in (*CONFIGS, *FROZEN_FROM_THE_START):
+            module = make_module(name, layout=layout)
+            config = module_config(name)
             batches = [local_slice(global_batch(s, batch_sizes, config), rank, batch_sizes) for s in range(LEARNING_STEPS + 2)]
             weights = torch.linspace(-1, 1, config["dim_values"])
             outputs = run_protocol(module, batches, weights)
@@ -78,16 +97,17 @@ def sharded_worker(rank, world_size, layouts, batch_sizes):
 
 
 def reference(name: str, batch_sizes):
-    config = CONFIGS[name]
-    module = KeyValueBottleneck(**config)
+    config = module_config(name)
+    module = make_module(name)
     batches = [global_batch(s, batch_sizes, config) for s in range(LEARNING_STEPS + 2)]
     outputs = run_protocol(module, batches, torch.linspace(-1, 1, config["dim_values"]))
     return module, outputs
 
 
 def check_against_reference(per_rank, layouts, batch_sizes):
-    for name in CONFIGS:
+    for name in (*CONFIGS, *FROZEN_FROM_THE_START):
         single, ref_outputs = reference(name, batch_sizes)
+        assert float(single.initted) == 1.0 and float(single.keys.abs().sum()) > 0, name  # k-means ran
         for num_shards in layouts:
             where = f"config {name}, {len(per_rank) // num_shards} replicas x {num_shards} shards"
             grad = torch.zeros_like(single.values)
@@ -122,7 +142,9 @@ def test_world_of_one_is_the_core_module():
     sharded = ShardedKeyValueBottleneck(**config, layout=ParallelLayout.single())
     single = KeyValueBottleneck(**config)
     x = torch.randn(4, 5, 2, 3)
-    for a, b in zip(sharded(x), single(x)):
+    out, expected = sharded(x), single(x)
+    assert type(out) is type(expected) is BottleneckOutput
+    for a, b in zip([*out, out.counts], [*expected, expected.counts]):
         torch.testing.assert_close(a, b)
 
 
@@ -178,7 +200,9 @@ def ddp_and_faults_worker(rank, world_size):
     heads = torch.randn(3, 5, 3, requires_grad=True)
     distance_module = ShardedKeyValueBottleneck(5, 16, 3, 4, layout=layout, seed=7, return_values_only=False)
     distance_module.freeze_keys()
-    distance_module(heads)[3].sum().backward()
+    output = distance_module(heads)
+    report["output_type"] = type(output).__name__
+    output.distances.sum().backward()
     expected_grad = -2 * (heads.detach()[:, :, None, :] - distance_module(heads.detach())[1]).sum(2)
     report["heads_grad_ok"] = bool(torch.allclose(heads.grad, expected_grad, atol=1e-5))
     # A configuration that differs on one rank is an error everywhere, not a hang.
@@ -210,6 +234,7 @@ def test_ddp_wrap_faults_and_mismatched_configuration():
     torch.testing.assert_close(reports[0]["dense_weight"], reports[1]["dense_weight"])  # DDP synced dense params
     assert all(r["value_grad_finite"] for r in reports)
     assert all(r["heads_grad_ok"] for r in reports)
+    assert [r["output_type"] for r in reports] == ["BottleneckOutput"] * 2
     for r in reports:
         assert r["mismatch_error"] is not None and "key_value_pairs_per_codebook" in r["mismatch_error"]
         assert r["input_error"] is not None and "rank(s) [1]" in r["input_error"]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kvb_dist.codebook import pair_counts
-from kvb_dist.core import KeyValueBottleneck, _arrange
+from kvb_dist.core import BottleneckOutput, KeyValueBottleneck, _arrange
 from kvb_dist.parallel import ParallelLayout, shard_sizes
 
 # Arguments every rank must agree on, in the order they are compared.
@@ -120,7 +120,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
             )
             packed = _arrange(self.layout.route_back(packed, self.num_codebooks, routed.peer_queries), batch, spatial)
             keys, indices, scores, counts = packed.split([self.dim_keys, 1, 1, 1], dim=-1)
-            return values, keys, indices.long(), scores, counts
+            return BottleneckOutput(values, keys, indices.long(), scores, counts)
 
     def values_at(self, indices: torch.Tensor) -> torch.Tensor:
         problem = self.indices_problem(indices)

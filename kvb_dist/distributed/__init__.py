@@ -1,0 +1,1 @@
+"""The distributed layer: codebooks sharded over ranks (it knows nothing of classification)."""
