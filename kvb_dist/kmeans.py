@@ -394,7 +394,7 @@ class ChunkHeads:
 
 
 class _OneProcess:
-    """The collectives of a world of one (kvb_dist.parallel.ParallelLayout.single() behaves the
+    """The collectives of a world of one (kvb_dist.distributed.layout.ParallelLayout.single() behaves the
     same; it is not imported here so that the math modules stay free of torch.distributed)."""
 
     world_size, rank, num_shards, num_replicas, shard_index, replica_index = 1, 0, 1, 1, 0, 0
@@ -594,7 +594,7 @@ def streaming_kmeans(
     data: re-iterable; each iter() is a fresh pass over this rank's samples, yielding (x, ids)
       with ids [b] stable unique int64 sample ids (ShardStream.features_and_ids() hashes keys;
       InMemoryBatches numbers rows). Ranks may hold different amounts of data, or none.
-    layout: a kvb_dist.parallel.ParallelLayout (None: one process). Every rank calls this together.
+    layout: a kvb_dist.distributed.layout.ParallelLayout (None: one process). Every rank calls this together.
     to_heads: x -> heads [b, C, *spatial, k] (default: x already is); see ChunkHeads.
     init: "random" (the J queries of smallest priority) or "kmeans++" (seeded on the
       kmeanspp_sample_factor * J smallest); init_means [C, J, k] (all codebooks, identical on

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from kvb_dist.config import load_config  # noqa: E402
-from kvb_dist.phases import PHASES, RunContext, run_phases  # noqa: E402
+from kvb_dist.run.config import load_config  # noqa: E402
+from kvb_dist.run.phases import PHASES, RunContext, run_phases  # noqa: E402
 
 logger = logging.getLogger("kvb_dist")
 
@@ -53,8 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    from kvb_dist.parallel import ParallelLayout
-    from kvb_dist.tracking import Tracker
+    from kvb_dist.distributed.layout import ParallelLayout
+    from kvb_dist.run.tracking import Tracker
 
     # Without a GPU, Accelerator(cpu=True) is what makes torchrun / accelerate launch start a
     # gloo process group; a plain Accelerator() would report one process on every rank. With

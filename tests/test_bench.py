@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kvb_dist import bench
+from kvb_dist.bench import core as bench
 from kvb_dist.codebook import nearest_keys
 
 TINY = bench.BenchSize(num_codebooks=4, num_pairs=64, dim_keys=4, dim_values=3, batch=8)
@@ -69,3 +69,14 @@ def test_command_line_writes_json(tmp_path, capsys):
     assert "ours/floor" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown sizes"):
         bench.main(["--sizes", "huge"])
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_benchmark_runs_and_reshards_bit_for_bit():
+    from kvb_dist.bench import checkpoint as bench_checkpoint
+
+    result = bench_checkpoint.measure(2, 3, 3, dict(num_codebooks=5, num_pairs=4096, dim=4))
+    assert all(row["identical"] for row in result["loads"])
+    for row in result["saves"]:  # each rank writes its shard (and a few KiB of file headers)
+        assert 1.0 <= row["written_mib"] / row["shard_mib"] < 1.05
+    assert "| 1 x 2 -> 1 x 3 |" in bench_checkpoint.report(result)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvb_dist.config import Config, load_config
-from kvb_dist.parallel import ParallelLayout
+from kvb_dist.run.config import Config, load_config
+from kvb_dist.distributed.layout import ParallelLayout
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

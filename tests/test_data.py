@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvb_dist.spawn import run_ranks
+from kvb_dist.distributed.spawn import run_ranks
 from kvb_dist.data import (
     ShardIndex,
     ShardStream,
@@ -292,7 +292,7 @@ def test_nonfinite_features_are_reported_with_shard_and_key(tmp_path):
 
 
 def _lockstep_worker(rank, world_size, folder, broken_folder):
-    from kvb_dist.parallel import ParallelLayout
+    from kvb_dist.distributed.layout import ParallelLayout
 
     layout = ParallelLayout.build()
     index = ShardIndex.load(folder)

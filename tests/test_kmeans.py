@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvb_dist.spawn import run_ranks
+from kvb_dist.distributed.spawn import run_ranks
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.codebook import smoothed_cluster_size
 from kvb_dist.data import ShardStream, write_arrays
@@ -345,7 +345,7 @@ def run_kmeans(folder, layout, rank, world_size, batch_size, **args):
 
 
 def kmeans_worker(rank, world_size, folder):
-    from kvb_dist.parallel import ParallelLayout
+    from kvb_dist.distributed.layout import ParallelLayout
     from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 
     out = {}

@@ -16,6 +16,8 @@ import psutil
 import pytest
 import torch
 
+from kvb_dist.distributed.checkpoint import load_full
+
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = str(REPO / "launch" / "run.py")
 SMALL_TOY = [
@@ -87,8 +89,9 @@ def launch_and_kill(form: str, out_dir: Path) -> None:
 
 def outcome(out_dir: Path):
     results = json.loads((out_dir / "toy" / "results.json").read_text())["results"]
-    state = torch.load(out_dir / "toy" / "checkpoints" / "train-class_incremental-kvb.pt", weights_only=True)
-    return results, state["learner"]["bottleneck"]["values"]
+    checkpoints = out_dir / "toy" / "checkpoints"
+    record = torch.load(checkpoints / "train-class_incremental-kvb.pt", weights_only=True)
+    return results, load_full(checkpoints / record["tensors"], prefix="bottleneck.")["values"]
 
 
 def assert_same_outcome(got, expected, atol=1e-6):

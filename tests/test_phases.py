@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvb_dist.config import load_config
-from kvb_dist.phases import evaluate, freeze, train
+from kvb_dist.run.config import load_config
+from kvb_dist.run.phases import evaluate, freeze, train
 
 
 def test_stratified_split_keeps_every_class_on_both_sides():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from kvb_dist.spawn import run_ranks
+from kvb_dist.distributed.spawn import run_ranks
 from kvb_dist.core import BottleneckOutput, KeyValueBottleneck
-from kvb_dist.parallel import ParallelLayout, shard_ranges, shard_sizes
+from kvb_dist.distributed.layout import ParallelLayout, shard_ranges, shard_sizes
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck, prepare_for_ddp
+from kvb_dist.run.phases.train import BottleneckLearner
+from kvb_dist.splitters import Chunker
 
 LOCAL_BATCH = 6
 SPATIAL = (2,)
@@ -129,9 +133,12 @@ def check_against_reference(per_rank, layouts, batch_sizes):
 
 
 def test_shard_sizes_table():
-    assert shard_sizes(10, 4) == [3, 3, 2, 2]
-    assert shard_sizes(5, 3) == [2, 2, 1]
-    assert shard_sizes(2, 4) == [1, 1, 0, 0]
+    # torch.chunk's split (what DTensor's Shard(0) places on each rank), checked against torch itself.
+    table = {(10, 4): [3, 3, 3, 1], (5, 3): [2, 2, 1], (2, 4): [1, 1, 0, 0], (5, 4): [2, 2, 1, 0], (9, 4): [3, 3, 3, 0], (8, 2): [4, 4], (0, 3): [0, 0, 0]}
+    for (n, s), sizes in table.items():
+        assert shard_sizes(n, s) == sizes
+        chunks = [len(c) for c in torch.arange(n).chunk(s)] if n else []
+        assert sizes == chunks + [0] * (s - len(chunks))
     assert shard_ranges(5, 2) == [(0, 3), (3, 5)]
     with pytest.raises(ValueError):
         shard_sizes(4, 0)
@@ -205,6 +212,25 @@ def ddp_and_faults_worker(rank, world_size):
     output.distances.sum().backward()
     expected_grad = -2 * (heads.detach()[:, :, None, :] - distance_module(heads.detach())[1]).sum(2)
     report["heads_grad_ok"] = bool(torch.allclose(heads.grad, expected_grad, atol=1e-5))
+    # Indices cached on the owners (1x2: my shard group is both ranks; 2x1: myself): values_at_rows
+    # of my rows fetches what a frozen forward fetches.
+    for num_shards in (2, 1):
+        frozen = ShardedKeyValueBottleneck(5, 16, 3, 4, layout=ParallelLayout.build(num_shards), seed=7, topk=2).freeze_keys()
+        x = torch.randn(3, 5, 3, generator=torch.Generator().manual_seed(rank))
+        expected = frozen(x)[0]
+        owned = frozen.owned_indices(x).movedim(1, 0).to(torch.int16)  # [shard group's samples, C_mine, t]
+        my_rows = torch.arange(3) + (3 * rank if num_shards == 2 else 0)
+        report[f"cached_rows_{num_shards}"] = bool(torch.equal(frozen.values_at_rows(owned, my_rows), expected))
+        # The trainer's cache: every sample's indices for my codebooks only, in the smallest type.
+        learner = BottleneckLearner.__new__(BottleneckLearner)
+        learner.ctx = SimpleNamespace(layout=frozen.layout, device=torch.device("cpu"))
+        learner.bottleneck, learner.splitter = frozen, Chunker(5, 15, 3)
+        features = torch.randn(11, 15, generator=torch.Generator().manual_seed(3))  # the same on every rank
+        cache = learner.cache_owned_indices(features)
+        start, stop = frozen.layout.codebook_range(5)
+        single = KeyValueBottleneck(5, 16, 3, 4, seed=7, topk=2, return_values_only=False).freeze_keys()
+        everything = single(features.view(11, 5, 3)).indices[..., 0]  # [N, C, t] from one process
+        report[f"cache_{num_shards}"] = (tuple(cache.shape), cache.dtype, bool(torch.equal(cache.long(), everything[:, start:stop])))
     # A configuration that differs on one rank is an error everywhere, not a hang.
     try:
         ShardedKeyValueBottleneck(5, 16 + rank, 3, 4, layout=layout)
@@ -235,6 +261,9 @@ def test_ddp_wrap_faults_and_mismatched_configuration():
     assert all(r["value_grad_finite"] for r in reports)
     assert all(r["heads_grad_ok"] for r in reports)
     assert [r["output_type"] for r in reports] == ["BottleneckOutput"] * 2
+    assert all(r["cached_rows_2"] and r["cached_rows_1"] for r in reports)
+    assert [r["cache_2"] for r in reports] == [((11, 3, 2), torch.uint8, True), ((11, 2, 2), torch.uint8, True)]
+    assert [r["cache_1"] for r in reports] == [((11, 5, 2), torch.uint8, True)] * 2
     for r in reports:
         assert r["mismatch_error"] is not None and "key_value_pairs_per_codebook" in r["mismatch_error"]
         assert r["input_error"] is not None and "rank(s) [1]" in r["input_error"]

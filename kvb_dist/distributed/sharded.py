@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kvb_dist.codebook import pair_counts
 from kvb_dist.core import BottleneckOutput, KeyValueBottleneck, _arrange
-from kvb_dist.parallel import ParallelLayout, shard_sizes
+from kvb_dist.distributed.layout import ParallelLayout, shard_sizes
 
 # Arguments every rank must agree on, in the order they are compared.
 _AGREED = (
@@ -97,19 +97,24 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         owned_values = self.fetch_values(self._flat_indices(owned_indices_cit))
         return self.layout.route_back(owned_values, self.num_codebooks, peer_queries)
 
+    def _owners_lookup(self, x: torch.Tensor, with_details: bool):
+        """x routed to the codebooks' owners, looked up (and learned from) there: (lookup, routed, batch, spatial)."""
+        problem = self.input_problem(x)
+        queries_per_rank = self._agree_on_input(problem, 0 if problem else x.shape[0] * math.prod(x.shape[2:-1]))
+        queries_cik, batch, spatial = self._queries_from_input(x)
+        routed = self.layout.route_to_owners(queries_cik, queries_per_rank)
+        lookup = self._lookup_and_learn(
+            routed.owned_cik,
+            routed.first_query_id,
+            routed.num_global_queries,
+            reduce_sum=self.layout.all_reduce_replicas,
+            with_details=with_details,
+        )
+        return lookup, routed, batch, spatial
+
     def forward(self, x: torch.Tensor):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            problem = self.input_problem(x)
-            queries_per_rank = self._agree_on_input(problem, 0 if problem else x.shape[0] * math.prod(x.shape[2:-1]))
-            queries_cik, batch, spatial = self._queries_from_input(x)
-            routed = self.layout.route_to_owners(queries_cik, queries_per_rank)
-            lookup = self._lookup_and_learn(
-                routed.owned_cik,
-                routed.first_query_id,
-                routed.num_global_queries,
-                reduce_sum=self.layout.all_reduce_replicas,
-                with_details=not self.return_values_only,
-            )
+            lookup, routed, batch, spatial = self._owners_lookup(x, with_details=not self.return_values_only)
             values = _arrange(self._values_to_requesters(lookup.indices, routed.peer_queries), batch, spatial)
             if self.return_values_only:
                 return (values,)
@@ -134,6 +139,37 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         values = self._values_to_requesters(routed.owned_cik, routed.peer_queries)  # [C, i, 1, v]
         return values.reshape(num_codebooks, batch, *rest, self.dim_values).movedim(0, 1)
 
+    # ------------------------------------------------------------------------------------------
+    # Indices cached where they are used: on the owners of the codebooks
+
+    def owned_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Pairs [C_mine, I, t] that the codebooks held here give my shard group's queries of x.
+
+        The I queries are those of the shard group's ranks, concatenated in rank order (as a
+        forward routes them). With frozen keys a sample always fetches the same pairs, so a
+        trainer can keep, for the codebooks a rank owns, every sample's indices (1/S of them per
+        rank) and train with `values_at_rows`. Collective.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._owners_lookup(x, with_details=False)[0].indices
+
+    def values_at_rows(self, owned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Values [b, C, t, v] of my samples `rows` [b], where owned [N, C_mine, t] holds the pairs
+        every sample fetches from the codebooks held here (see owned_indices).
+
+        Only row ids travel to the owners, not indices; usage is counted as in a frozen
+        forward. Collective: every rank of the shard group calls it.
+        """
+        if owned.ndim != 3 or owned.shape[1] != self.values.shape[0]:
+            raise ValueError(f"owned must be [samples, codebooks held here={self.values.shape[0]}, t], got {tuple(owned.shape)}")
+        peer_sizes = [int(n) for n in self.layout.all_gather_world(torch.tensor([rows.numel()]), over="shard")[:, 0]]
+        peer_rows = self.layout.all_gather_rows(rows.reshape(-1), peer_sizes, over="shard")
+        indices = owned[peer_rows.to(owned.device)].long().movedim(1, 0)  # [C_mine, I, t]
+        if self.count_cluster_size:
+            hits = pair_counts(indices, self.key_value_pairs_per_codebook)
+            self.cluster_size_counter.add_(self.layout.all_reduce_replicas(hits))
+        return self._values_to_requesters(indices, peer_sizes).movedim(0, 1)  # [C, b, t, v] -> [b, C, t, v]
+
     def fraction_of_unused_keys(self) -> torch.Tensor:
         unused = (self.cluster_size_counter == 0).sum().double()
         # Every replica group holds the same counters: the world sum counts each pair R times.
@@ -141,7 +177,20 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         return (unused / (self.num_codebooks * self.key_value_pairs_per_codebook)).float()
 
     # ------------------------------------------------------------------------------------------
-    # State: per-shard via state_dict(); the full state for one process or another layout.
+    # State: per-shard via state_dict(); sharded_state_dict() for torch.distributed.checkpoint
+    # (any layout, no gathering); the full state only for small models.
+
+    def global_view(self, local: torch.Tensor) -> torch.Tensor:
+        """A [C_mine, ...] per-codebook tensor as a DTensor over all C codebooks (shares memory)."""
+        return self.layout.global_view(local, self.num_codebooks)
+
+    def sharded_state_dict(self) -> Dict[str, torch.Tensor]:
+        """state_dict() with every per-codebook tensor as its `global_view`, for kvb_dist.distributed.checkpoint.
+
+        Saving it writes only this rank's codebooks; loading into it reads only them, from a
+        checkpoint of any layout or of a single process. Shares memory with the module.
+        """
+        return {name: self.global_view(t) if name in _PER_CODEBOOK else t for name, t in self.state_dict().items()}
 
     def gather_codebooks(self, local: torch.Tensor) -> torch.Tensor:
         """[C_mine, ...] per-codebook tensor -> [C, ...] for all codebooks (collective: every rank calls)."""
@@ -158,7 +207,11 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         return full[start:stop]
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The state of all codebooks, loadable by KeyValueBottleneck (collective: call on every rank)."""
+        """The state of all codebooks, loadable by KeyValueBottleneck (collective: call on every rank).
+
+        Gathers every codebook onto every rank: for small models and tests only. Checkpoints go
+        through `sharded_state_dict()`.
+        """
         return {
             name: (self.gather_codebooks(t) if name in _PER_CODEBOOK else t).detach().clone()
             for name, t in self.state_dict().items()

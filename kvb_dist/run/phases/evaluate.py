@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Dict, List
 
-from kvb_dist import checkpoint
-from kvb_dist.phases import train
+from kvb_dist.run import checkpoint
+from kvb_dist.run.phases import train
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,20 @@ def plot_accuracy_matrix(record: Dict, path: Path) -> Path:
     return path
 
 
-def plot_key_usage(usage: List[float], path: Path, title: str) -> Path:
+def plot_key_usage(usage: Dict[str, List[float]], path: Path, title: str) -> Path:
+    """usage: train.key_usage_histogram's pairs per power-of-two bin of fetch counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist([u for u in usage], bins=50, log=True)
+    labels = ["0"] + [f"{int(e)}" if e < 2 else f"{int(e)}-{int(2 * e - 1)}" for e in usage["lower_edges"][1:]]
+    ax.bar(range(len(labels)), usage["pairs"], log=True)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
     ax.set_xlabel("times a pair was fetched during training")
     ax.set_ylabel("pairs")
-    unused = sum(1 for u in usage if u == 0) / max(len(usage), 1)
+    unused = usage["pairs"][0] / max(sum(usage["pairs"]), 1)
     ax.set_title(f"{title}: {unused:.1%} of pairs unused")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -89,7 +92,7 @@ def run(ctx) -> Dict:
     plots = ctx.path("plots")
     for learner in config.train.learners:
         for setting in config.train.settings:
-            saved = checkpoint.load(train.stream_checkpoint(ctx, setting, learner))
+            saved = checkpoint.load(checkpoint.record_path(ctx.path("checkpoints"), train.stream_name(setting, learner)))
             if saved is None or not saved["done"]:
                 raise ValueError(f"no finished training for {setting} / {learner}: run the train phase first")
             record = saved["record"]

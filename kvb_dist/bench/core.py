@@ -1,7 +1,7 @@
 """Speed and memory of one KeyValueBottleneck step against a floor and vector-quantize-pytorch.
 
-    python -m kvb_dist.bench                          # paper and small sizes, 1-3 min on 2 cores
-    python -m kvb_dist.bench --sizes small --json out.json --threads 2
+    python -m kvb_dist.bench.core                          # paper and small sizes, 1-3 min on 2 cores
+    python -m kvb_dist.bench.core --sizes small --json out.json --threads 2
 
 Measured with a fixed torch.set_num_threads, timings as the median (and min) of --repeats
 runs after --warmup runs, implementations interleaved round by round:
@@ -324,7 +324,7 @@ import torch
 torch.set_num_threads({threads})
 with open("/proc/self/statm") as statm:
     after_torch = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-from kvb_dist.bench import MiB, BenchSize, run_memory_probe
+from kvb_dist.bench.core import MiB, BenchSize, run_memory_probe
 result = run_memory_probe({implementation!r}, BenchSize(**{size!r}))
 result["rss_after_import_torch_mb"] = after_torch / MiB
 print("PROBE " + json.dumps(result))

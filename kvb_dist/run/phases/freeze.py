@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kvb_dist.data.shards import INDEX_NAME, index_part_name, merge_index_parts, write_embeddings
-from kvb_dist.parallel import shard_ranges
+from kvb_dist.distributed.layout import shard_ranges
 
 logger = logging.getLogger(__name__)
 

@@ -2,30 +2,39 @@
 
 k-means streams the shards (distributed, sharded like the bottleneck); EMA epochs run the
 bottleneck with learning keys over the same stream, as the original code initializes keys.
-The checkpoint holds the splitter and the full bottleneck state, so training can start on any
-world size.
+The checkpoint (`checkpoints/initialize.pt` + its sharded folder) holds the splitter and the
+bottleneck, each rank writing its own codebooks, so training can start on any world size.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Dict
 
 import torch
 
-from kvb_dist import checkpoint
+from kvb_dist.run.checkpoint import CheckpointSeries
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
 from kvb_dist.kmeans import streaming_kmeans
-from kvb_dist.phases.freeze import embeddings_dir
+from kvb_dist.run.phases.freeze import embeddings_dir
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 from kvb_dist.splitters import make_splitter
 
 logger = logging.getLogger(__name__)
 
 
-def checkpoint_path(ctx):
-    return ctx.path("checkpoints", "initialize.pt")
+def checkpoints(ctx) -> CheckpointSeries:
+    return CheckpointSeries(ctx.path("checkpoints"), "initialize", ctx.layout)
+
+
+def tensors(splitter: torch.nn.Module, bottleneck: ShardedKeyValueBottleneck) -> Dict[str, torch.Tensor]:
+    """What the initialize checkpoint holds, sharing memory with the modules (loads fill them)."""
+    return {
+        **{f"splitter.{name}": t for name, t in splitter.state_dict().items()},
+        **{f"bottleneck.{name}": t for name, t in bottleneck.sharded_state_dict().items()},
+    }
 
 
 def build_splitter(config, num_channels: int) -> torch.nn.Module:
@@ -71,7 +80,8 @@ def init_folder(ctx):
 
 def run(ctx) -> None:
     config, layout = ctx.config, ctx.layout
-    if checkpoint_path(ctx).is_file():
+    series = checkpoints(ctx)
+    if series.record is not None:
         logger.info("initialize: keys already fitted, skipping")
         return
     index = ShardIndex.load(str(init_folder(ctx)))
@@ -119,7 +129,4 @@ def run(ctx) -> None:
             replaced = layout.all_reduce_world(bottleneck.num_replaced_pairs.clone()) // layout.num_replicas
             ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/dead_pairs_replaced": int(replaced)})
     bottleneck.freeze_keys()
-    state = {"splitter": splitter.state_dict(), "bottleneck": bottleneck.full_state_dict(), "kmeans_sse": sse}
-    if ctx.is_main:
-        checkpoint.save_atomic(state, checkpoint_path(ctx))
-    layout.barrier()
+    series.save(tensors(splitter, bottleneck), {"kmeans_sse": sse, "num_channels": num_channels})

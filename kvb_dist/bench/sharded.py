@@ -1,7 +1,7 @@
 """What sharding the codebooks costs and saves, per rank, at the paper size.
 
-    python -m kvb_dist.bench_sharded                 # about 2 minutes on 2 cores
-    python -m kvb_dist.bench_sharded --json out.json
+    python -m kvb_dist.bench.sharded                 # about 2 minutes on 2 cores
+    python -m kvb_dist.bench.sharded --json out.json
 
 1. memory: bytes of codebook state (keys, keys_avg, values, cluster sizes, counters) each rank
    holds, for S = 1, 2, 4 shards, against the ideal full / S;
@@ -26,16 +26,16 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from kvb_dist.parallel import ParallelLayout
+from kvb_dist.distributed.layout import ParallelLayout
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
-from kvb_dist.spawn import run_ranks
+from kvb_dist.distributed.spawn import run_ranks
 
 PAPER = dict(num_codebooks=256, num_pairs=4096, dim_keys=14, dim_values=10, batch=256)
 MiB = 1 << 20
 
 
 class CountingCollectives:
-    """Wraps the torch.distributed calls kvb_dist.parallel makes and adds up what this rank sends."""
+    """Wraps the torch.distributed calls kvb_dist.distributed.layout makes and adds up what this rank sends."""
 
     def __init__(self):
         self.sent = 0

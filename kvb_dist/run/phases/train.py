@@ -15,22 +15,26 @@ a training step is a gather of values (`values_at`), no encoder and no lookup.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import sys
 import time
 from typing import Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvb_dist import checkpoint
+from kvb_dist.distributed.checkpoint import optimizer_tensors
+from kvb_dist.run.checkpoint import CheckpointSeries
 from kvb_dist.codebook import counter_randint
 from kvb_dist.data.stream import ShardStream
 from kvb_dist.decoders import MLP, LinearProbe
-from kvb_dist.parallel import shard_ranges
-from kvb_dist.phases import initialize
-from kvb_dist.phases.freeze import embeddings_dir
+from kvb_dist.distributed.layout import shard_ranges
+from kvb_dist.run.phases import initialize
+from kvb_dist.run.phases.freeze import embeddings_dir
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +68,25 @@ def rows_of(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return torch.nonzero(torch.isin(labels, torch.tensor(classes)), as_tuple=True)[0]
 
 
-def rank_chunks(num_rows: int, layout):
-    """This rank's contiguous part of num_rows, in chunks of LOOKUP_CHUNK rows, and every rank's range.
+def rank_chunks(num_rows: int, layout, rank=None):
+    """A rank's (default: this one's) contiguous part of num_rows, in chunks of LOOKUP_CHUNK rows, and every rank's range.
 
     Every rank gets the same number of chunks (the last ones may be empty): each chunk is a
     forward of the sharded bottleneck, a collective call.
     """
     ranges = shard_ranges(num_rows, layout.world_size)
-    start, stop = ranges[layout.rank]
+    start, stop = ranges[layout.rank if rank is None else rank]
     widest = max(b - a for a, b in ranges)
     chunks = [slice(start + first, min(start + first + LOOKUP_CHUNK, stop)) for first in range(0, widest, LOOKUP_CHUNK)]
     return chunks, ranges
+
+
+def smallest_index_type(num_pairs: int) -> torch.dtype:
+    """The smallest integer type that holds every pair index 0 .. num_pairs - 1."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if num_pairs - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
 
 
 def global_batch(pool: torch.Tensor, size: int, seed: int, stream: int, task: int, step: int) -> torch.Tensor:
@@ -92,18 +104,17 @@ class BottleneckLearner:
 
     sharded = True
 
-    def __init__(self, ctx, init_state, train):
+    def __init__(self, ctx, init_checkpoints, train):
         self.ctx = ctx
         config = ctx.config
         self.splitter = initialize.build_splitter(config, train["features"].shape[1]).to(ctx.device)
-        self.splitter.load_state_dict(init_state["splitter"])
         self.bottleneck = initialize.build_bottleneck(config, ctx.layout).to(ctx.device)
-        self.bottleneck.load_full_state_dict(init_state["bottleneck"])
+        init_checkpoints.load_(initialize.tensors(self.splitter, self.bottleneck))  # this rank's codebooks only
         self.bottleneck.freeze_keys()
         if config.bottleneck.values_init == "zeros":
             with torch.no_grad():
                 self.bottleneck.values.zero_()
-        self.train_indices = self.lookup_indices(train["features"])  # [N, C, t]
+        self.owned_indices = self.cache_owned_indices(train["features"])  # [N, C_mine, t]
         self.bottleneck.reset_cluster_size_counter()  # usage counts training steps only
 
     def parameters(self):
@@ -112,33 +123,45 @@ class BottleneckLearner:
     def heads(self, features: torch.Tensor) -> torch.Tensor:
         return initialize.to_heads(self.splitter, features.to(self.ctx.device))
 
-    def lookup_indices(self, features: torch.Tensor) -> torch.Tensor:
-        """Indices [N, C, t] of every sample: each rank looks up a part, all gather the whole."""
-        chunks, ranges = rank_chunks(features.shape[0], self.ctx.layout)
+    def cache_owned_indices(self, features: torch.Tensor) -> torch.Tensor:
+        """Pair indices [N, C_mine, t] of every sample for the codebooks this rank holds.
+
+        Each rank looks up its part of the samples; the owners keep what their shard group asked
+        (`owned_indices`) and complete it from their replica group. Memory per rank: N x C / S x t
+        in the smallest integer type that holds J.
+        """
+        layout, bottleneck = self.ctx.layout, self.bottleneck
+        num_rows = features.shape[0]
+        first_peer = layout.replica_index * layout.num_shards
+        peer_chunks = [rank_chunks(num_rows, layout, first_peer + s)[0] for s in range(layout.num_shards)]
+        rows, indices = [], []
         with torch.no_grad():
-            parts = [self.bottleneck(self.heads(features[rows]))[2][..., 0].cpu() for rows in chunks]
-        topk = self.bottleneck.topk
-        mine = torch.cat(parts) if parts else torch.zeros(0, self.bottleneck.num_codebooks, topk, dtype=torch.long)
-        return self.ctx.layout.all_gather_rows(mine, [b - a for a, b in ranges])
+            for j, chunk in enumerate(rank_chunks(num_rows, layout)[0]):
+                indices.append(bottleneck.owned_indices(self.heads(features[chunk])).movedim(1, 0).cpu())  # [I, C_mine, t]
+                rows.append(torch.cat([torch.arange(num_rows)[chunks[j]] for chunks in peer_chunks]))
+        rows, indices = torch.cat(rows), torch.cat(indices).int()
+        # Each replica group looked up different samples: gather them over the replicas.
+        sizes = [int(n) for n in layout.all_gather_world(torch.tensor([rows.numel()]), over="replica")[:, 0]]
+        rows = layout.all_gather_rows(rows, sizes, over="replica")
+        cache = torch.empty(num_rows, *indices.shape[1:], dtype=smallest_index_type(bottleneck.key_value_pairs_per_codebook))
+        cache[rows] = layout.all_gather_rows(indices, sizes, over="replica").to(cache.dtype)
+        return cache.to(self.ctx.device)
 
     def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        values = self.bottleneck.values_at(self.train_indices[rows].to(self.ctx.device))  # [b, C, t, v]
+        values = self.bottleneck.values_at_rows(self.owned_indices, rows)  # [b, C, t, v]
         return values.mean(dim=(1, 2))
 
     def eval_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(self.heads(features))[0].mean(dim=(1, 2))
 
-    def state(self) -> Dict:
-        return {"bottleneck": self.bottleneck.full_state_dict()}
-
-    def load(self, state: Dict) -> None:
-        self.bottleneck.load_full_state_dict(state["bottleneck"])
-
-    def full_optimizer_state(self, optimizer) -> Dict:
-        return _map_tensors(optimizer.state_dict(), self.bottleneck.gather_codebooks, self.bottleneck.values.shape[0])
-
-    def load_optimizer_state(self, optimizer, state: Dict) -> None:
-        optimizer.load_state_dict(_map_tensors(state, self.bottleneck.local_codebooks, self.bottleneck.num_codebooks))
+    def tensors(self, optimizer) -> Dict[str, torch.Tensor]:
+        """The checkpointed state: this rank's codebooks and their optimizer state, as DTensors."""
+        bottleneck = self.bottleneck
+        moments = optimizer_tensors(optimizer, {"values": bottleneck.values}, {"values": bottleneck.global_view})
+        return {
+            **{f"bottleneck.{name}": t for name, t in bottleneck.sharded_state_dict().items()},
+            **{f"optimizer.{name}": t for name, t in moments.items()},
+        }
 
 
 class DenseLearner:
@@ -166,32 +189,29 @@ class DenseLearner:
     def eval_logits(self, features):
         return self.model(features.to(self.ctx.device))
 
-    def state(self):
-        return {"model": self.model.state_dict()}
-
-    def load(self, state):
-        self.model.load_state_dict(state["model"])
-
-    def full_optimizer_state(self, optimizer):
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer, state):
-        optimizer.load_state_dict(state)
+    def tensors(self, optimizer) -> Dict[str, torch.Tensor]:
+        """The checkpointed state: the replicated model and its optimizer state (written once)."""
+        moments = optimizer_tensors(optimizer, dict(self.model.named_parameters()))
+        return {
+            **{f"model.{name}": t for name, t in self.model.state_dict().items()},
+            **{f"optimizer.{name}": t for name, t in moments.items()},
+        }
 
 
-def _map_tensors(state: Dict, fn, rows: int) -> Dict:
-    """Applies fn to the optimizer-state tensors shaped like the (sharded) values."""
+def key_usage_histogram(bottleneck, layout) -> Dict[str, List[float]]:
+    """How often pairs were fetched: pairs per bin 0, 1, 2-3, 4-7, ... over all codebooks.
 
-    def visit(value):
-        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == rows:
-            return fn(value)
-        if isinstance(value, dict):
-            return {k: visit(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [visit(v) for v in value]
-        return value
-
-    return visit(state)
+    Each rank bins its own codebooks and the bins are summed, so no rank gathers the counters.
+    """
+    counter = bottleneck.cluster_size_counter.double()
+    largest = float(layout.all_reduce_world(counter.max().reshape(1) if counter.numel() else torch.zeros(1, dtype=torch.float64), op=dist.ReduceOp.MAX))
+    num_bins = 2 + int(math.log2(largest)) if largest >= 1 else 1
+    bins = torch.where(counter > 0, torch.floor(torch.log2(counter.clamp(min=1))) + 1, torch.zeros_like(counter)).long()
+    histogram = torch.bincount(bins.flatten(), minlength=num_bins).double()
+    # Every replica group holds the same counters: the world sum counts each pair R times.
+    histogram = layout.all_reduce_world(histogram) / layout.num_replicas
+    lower = [0.0] + [float(2**b) for b in range(num_bins - 1)]
+    return {"lower_edges": lower, "pairs": histogram.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,21 +287,26 @@ def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
 # Streams
 
 
-def stream_checkpoint(ctx, setting: str, learner_name: str):
-    return ctx.path("checkpoints", f"train-{setting}-{learner_name}.pt")
+def stream_name(setting: str, learner_name: str) -> str:
+    return f"train-{setting}-{learner_name}"
 
 
-def build_learner(ctx, name, init_state, train):
+def stream_checkpoints(ctx, setting: str, learner_name: str) -> CheckpointSeries:
+    name = stream_name(setting, learner_name)
+    return CheckpointSeries(ctx.path("checkpoints"), name, ctx.layout, background=ctx.config.run.async_checkpoints)
+
+
+def build_learner(ctx, name, init_checkpoints, train):
     if name == "kvb":
-        return BottleneckLearner(ctx, init_state, train)
+        return BottleneckLearner(ctx, init_checkpoints, train)
     return DenseLearner(ctx, name, train)
 
 
-def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) -> Dict:
+def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, test) -> Dict:
     """Trains one learner on one setting (resuming from its checkpoint); returns its record."""
     config, layout = ctx.config, ctx.layout
-    path = stream_checkpoint(ctx, setting, learner_name)
-    saved = checkpoint.load(path)
+    series = stream_checkpoints(ctx, setting, learner_name)
+    saved = series.record
     if saved is not None and saved["done"]:
         logger.info("train: %s / %s already done", setting, learner_name)
         return saved["record"]
@@ -292,25 +317,18 @@ def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) ->
         raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the world size {layout.world_size}")
     local = config.train.batch_size // layout.world_size
 
-    learner = build_learner(ctx, learner_name, init_state, train)
+    learner = build_learner(ctx, learner_name, init_checkpoints, train)
     optimizer = make_optimizer(config, learner)
     record = {"setting": setting, "learner": learner_name, "tasks": tasks, "accuracy": [], "losses": []}
     task_index, step = 0, 0
     if saved is not None:
-        learner.load(saved["learner"])
-        learner.load_optimizer_state(optimizer, saved["optimizer"])
+        series.load_(learner.tensors(optimizer))
         record, task_index, step = saved["record"], saved["task"], saved["step"]
         logger.info("train: %s / %s resumes at task %d step %d", setting, learner_name, task_index, step)
 
-    def save(done: bool) -> None:
-        state = {
-            "learner": learner.state(),
-            "optimizer": learner.full_optimizer_state(optimizer),
-            "record": record, "task": task_index, "step": step, "done": done,
-        }
-        if ctx.is_main:
-            checkpoint.save_atomic(state, path)
-        layout.barrier()
+    def save(done: bool, wait: bool = True) -> None:
+        progress = {"record": copy.deepcopy(record), "task": task_index, "step": step, "done": done}
+        series.save(learner.tensors(optimizer), progress, wait=wait)
 
     stream_tag = SETTING_TAGS[setting] * 10 + LEARNER_TAGS[learner_name]
     prefix = f"{setting}/{learner_name}"
@@ -333,7 +351,7 @@ def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) ->
                 ctx.tracker.log({f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s})
                 record["losses"].append(float(loss))
             if step % config.run.checkpoint_every == 0 and step < steps_per_task:
-                save(done=False)
+                save(done=False, wait=False)  # written in the background while training goes on
         progress.close()
         row = accuracy_per_task(ctx, learner, test, tasks)
         record["accuracy"].append(row)
@@ -350,7 +368,7 @@ def run_stream(ctx, setting: str, learner_name: str, init_state, train, test) ->
         if task_index < len(plan):
             save(done=False)
     if isinstance(learner, BottleneckLearner):
-        record["key_usage"] = learner.bottleneck.gather_codebooks(learner.bottleneck.cluster_size_counter).flatten().tolist()
+        record["key_usage"] = key_usage_histogram(learner.bottleneck, layout)
     save(done=True)
     return record
 
@@ -359,16 +377,16 @@ def run(ctx) -> List[Dict]:
     config = ctx.config
     train = load_split(embeddings_dir(ctx, "train"))
     test = load_split(embeddings_dir(ctx, "test"))
-    init_state = checkpoint.load(initialize.checkpoint_path(ctx))
-    if init_state is None and "kvb" in config.train.learners:
-        raise ValueError(f"no fitted keys at {initialize.checkpoint_path(ctx)}: run the initialize phase first")
+    init_checkpoints = initialize.checkpoints(ctx)
+    if init_checkpoints.record is None and "kvb" in config.train.learners:
+        raise ValueError(f"no fitted keys at {init_checkpoints.record_path}: run the initialize phase first")
     num_classes = len(sum(task_classes(config), []))
     if num_classes > config.bottleneck.dim_values:
         raise ValueError(
             f"{num_classes} classes in the task stream need bottleneck.dim_values >= {num_classes} (voting decoder)"
         )
     return [
-        run_stream(ctx, setting, learner, init_state, train, test)
+        run_stream(ctx, setting, learner, init_checkpoints, train, test)
         for setting in config.train.settings
         for learner in config.train.learners
     ]

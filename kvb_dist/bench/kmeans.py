@@ -1,7 +1,7 @@
 """Streaming k-means against FAISS: time per Lloyd iteration and final SSE.
 
-    python -m kvb_dist.bench_kmeans                       # pairs {256, 4096} x codebooks {1, 16}
-    python -m kvb_dist.bench_kmeans --pairs 256 --codebooks 1 --num-points 20000 --json out.json
+    python -m kvb_dist.bench.kmeans                       # pairs {256, 4096} x codebooks {1, 16}
+    python -m kvb_dist.bench.kmeans --pairs 256 --codebooks 1 --num-points 20000 --json out.json
 
 Same data, same initial centroids (the bottom-k sample streaming_kmeans would draw), same
 thread count, subsampling off on both sides (max_points_per_centroid None here, 10**9 for
@@ -98,7 +98,7 @@ def in_subprocess(args, run: str, num_pairs: int, num_codebooks: int) -> Dict:
     """Each measurement in its own process: FAISS's OpenMP runtime and torch's then never share
     (or fight over) the cores, and neither warms the other's caches."""
     command = [
-        sys.executable, "-m", "kvb_dist.bench_kmeans", "--run", run, "--pairs", str(num_pairs),
+        sys.executable, "-m", "kvb_dist.bench.kmeans", "--run", run, "--pairs", str(num_pairs),
         "--codebooks", str(num_codebooks), "--num-points", str(args.num_points), "--dim", str(args.dim),
         "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
         "--seed", str(args.seed),
@@ -108,7 +108,7 @@ def in_subprocess(args, run: str, num_pairs: int, num_codebooks: int) -> Dict:
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvb_dist.bench_kmeans", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kvb_dist.bench.kmeans", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, nargs="+", default=[256, 4096])
     parser.add_argument("--codebooks", type=int, nargs="+", default=[1, 16])

@@ -24,6 +24,7 @@ class RunSection:
     out_dir: str = "runs"  # the run folder is out_dir/name
     seed: int = 0
     checkpoint_every: int = 50  # training steps between checkpoints (and after every phase)
+    async_checkpoints: bool = True  # mid-task checkpoints are written in the background
     tracker: str = "wandb"  # wandb | none
     wandb_mode: str = "auto"  # auto (online when logged in, else offline) | offline | online | disabled
     wandb_project: str = "kvb_dist"

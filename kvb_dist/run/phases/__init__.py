@@ -18,9 +18,9 @@ from typing import Dict, Sequence
 
 import torch
 
-from kvb_dist.config import Config
-from kvb_dist.parallel import ParallelLayout
-from kvb_dist.tracking import Tracker
+from kvb_dist.run.config import Config
+from kvb_dist.distributed.layout import ParallelLayout
+from kvb_dist.run.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RunContext:
 
 def run_phases(ctx: RunContext, phases: Sequence[str] = PHASES) -> Dict:
     """Runs the requested phases in order; returns the evaluation summary (or {})."""
-    from kvb_dist.phases import evaluate, freeze, initialize, train
+    from kvb_dist.run.phases import evaluate, freeze, initialize, train
 
     unknown = [p for p in phases if p not in PHASES]
     if unknown:

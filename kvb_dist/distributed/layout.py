@@ -1,13 +1,14 @@
-"""Parallel layout: replicas x shards, and the collectives that move heads and statistics.
+"""Parallel layout: replicas x shards on a 2-D DeviceMesh, and the collectives that move tensors.
 
-World = R replicas x S shards. Rank r is shard r % S of replica r // S (a row-major 2-D mesh
-with dims ("replica", "shard")). The S ranks of a replica together hold all C codebooks, each
-a contiguous range; the R ranks that hold the same range form a replica group, where
-statistics are summed.
+World = R replicas x S shards, a DeviceMesh with dims ("replica", "shard"). Position r in the
+mesh (row-major) is shard r % S of replica r // S. The S ranks of a replica together hold all C
+codebooks, each a contiguous range (torch.chunk's split, so that a DTensor placed
+[Replicate(), Shard(0)] on the mesh describes exactly what each rank holds); the R ranks that
+hold the same range form a replica group, where statistics are summed.
 
 Knows nothing about key-value bottlenecks or classification: it moves tensors. A world of
-one is a layout whose groups are None, and every collective here is then a no-op, so callers
-never branch on "am I distributed".
+one is a layout without mesh whose groups are None, and every collective here is then a
+no-op, so callers never branch on "am I distributed".
 """
 
 from __future__ import annotations
@@ -18,22 +19,29 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as differentiable
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+MESH_DIMS = ("replica", "shard")
 
 
 def shard_sizes(num_items: int, num_shards: int) -> List[int]:
-    """Balanced contiguous split, larger shards first.
+    """torch.chunk's split into num_shards contiguous parts: ceil(n / S) each, the rest to the last.
+
+    DTensor's Shard(0) places rows the same way, so checkpoints describe our shards exactly.
 
     >>> shard_sizes(10, 4)
-    [3, 3, 2, 2]
-    >>> shard_sizes(3, 4)
-    [1, 1, 1, 0]
+    [3, 3, 3, 1]
+    >>> shard_sizes(5, 4)
+    [2, 2, 1, 0]
     >>> shard_sizes(8, 2)
     [4, 4]
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    base, extra = divmod(num_items, num_shards)
-    return [base + (1 if s < extra else 0) for s in range(num_shards)]
+    per_shard = -(-num_items // num_shards)
+    return [max(0, min(per_shard, num_items - s * per_shard)) for s in range(num_shards)]
 
 
 def shard_ranges(num_items: int, num_shards: int) -> List[Tuple[int, int]]:
@@ -45,22 +53,10 @@ def shard_ranges(num_items: int, num_shards: int) -> List[Tuple[int, int]]:
     return ranges
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single of a flat tensor; the backward sends gradients the reverse way."""
-
-    @staticmethod
-    def forward(ctx, send, recv_splits, send_splits, group):
-        ctx.splits, ctx.group = (recv_splits, send_splits), group
-        received = send.new_empty(sum(recv_splits))
-        dist.all_to_all_single(received, send.contiguous(), recv_splits, send_splits, group=group)
-        return received
-
-    @staticmethod
-    def backward(ctx, grad_received):
-        recv_splits, send_splits = ctx.splits
-        grad_send = grad_received.new_empty(sum(send_splits))
-        dist.all_to_all_single(grad_send, grad_received.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return grad_send, None, None, None
+def _all_to_all(send: torch.Tensor, recv_splits: List[int], send_splits: List[int], group) -> torch.Tensor:
+    """all_to_all_single of a flat tensor; differentiable (the backward sends gradients back)."""
+    received = send.new_empty(sum(recv_splits))
+    return differentiable.all_to_all_single(received, send.contiguous(), recv_splits, send_splits, group=group)
 
 
 @dataclass
@@ -78,45 +74,74 @@ class ParallelLayout:
     """Who holds which codebooks, and the process groups to talk to the others."""
 
     world_size: int = 1
-    rank: int = 0
+    rank: int = 0  # position in the mesh, row-major (the global rank for a mesh over the whole world)
     num_shards: int = 1
     shard_group: Optional[dist.ProcessGroup] = None  # the S ranks of my replica (None if S == 1)
     replica_group: Optional[dist.ProcessGroup] = None  # the R ranks holding my codebooks (None if R == 1)
-    world_group: Optional[dist.ProcessGroup] = None  # everybody (None for a world of one)
+    world_group: Optional[dist.ProcessGroup] = None  # every rank of the mesh (None for a world of one)
+    mesh: Optional[DeviceMesh] = None  # ("replica", "shard"); None for a world of one
 
     @classmethod
     def single(cls) -> "ParallelLayout":
         return cls()
 
     @classmethod
-    def build(cls, num_shards: Optional[int] = None) -> "ParallelLayout":
+    def build(cls, num_shards: Optional[int] = None, device_type: Optional[str] = None) -> "ParallelLayout":
         """Layout over the default process group (from torchrun / Accelerate); a world of one without it.
 
-        num_shards defaults to the whole world (one replica). All ranks must call this together.
+        num_shards defaults to the whole world (one replica); device_type to "cuda" when the
+        process group runs NCCL, else "cpu". All ranks must call this together.
         """
         if not (dist.is_available() and dist.is_initialized()):
             if num_shards not in (None, 1):
                 raise ValueError(f"num_shards={num_shards} needs torch.distributed; only one process is running")
             return cls.single()
-        world_size, rank = dist.get_world_size(), dist.get_rank()
+        world_size = dist.get_world_size()
         num_shards = world_size if num_shards is None else num_shards
         if num_shards < 1 or world_size % num_shards != 0:
             raise ValueError(f"num_shards={num_shards} must divide the world size {world_size}")
-        num_replicas = world_size // num_shards
-        shard_group = replica_group = None
-        # new_group is collective: every rank creates every group, in the same order.
-        for replica in range(num_replicas):
-            ranks = list(range(replica * num_shards, (replica + 1) * num_shards))
-            group = dist.new_group(ranks) if num_shards > 1 else None
-            if rank in ranks:
-                shard_group = group
-        for shard in range(num_shards):
-            ranks = list(range(shard, world_size, num_shards))
-            group = dist.new_group(ranks) if num_replicas > 1 else None
-            if rank in ranks:
-                replica_group = group
-        world_group = dist.group.WORLD if world_size > 1 else None
-        return cls(world_size, rank, num_shards, shard_group, replica_group, world_group)
+        if device_type is None:
+            device_type = "cuda" if "nccl" in str(dist.get_backend()) and torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device_type, (world_size // num_shards, num_shards), mesh_dim_names=MESH_DIMS)
+        return cls.from_mesh(mesh)
+
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh) -> "ParallelLayout":
+        """Layout on a user's 2-D mesh with dims ("replica", "shard"), e.g. a slice of a larger job's mesh."""
+        if mesh.ndim != 2 or tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
+            raise ValueError(f"the mesh must have the 2 dims {MESH_DIMS}, got {mesh.mesh_dim_names} of shape {tuple(mesh.shape)}")
+        ranks = mesh.mesh.flatten().tolist()
+        if ranks != sorted(ranks):
+            # Collectives over the mesh return in global-rank order, which must be the mesh order.
+            raise ValueError(f"the mesh's ranks must increase row-major (replica outer, shard inner), got {mesh.mesh.tolist()}")
+        num_replicas, num_shards = mesh.shape
+        world_size = num_replicas * num_shards
+        if world_size == dist.get_world_size():
+            world_group = dist.group.WORLD
+        else:  # a slice of a larger mesh: only its members create the group
+            world_group = dist.new_group(ranks, use_local_synchronization=True)
+        return cls(
+            world_size=world_size,
+            rank=ranks.index(dist.get_rank()),
+            num_shards=num_shards,
+            shard_group=mesh.get_group("shard") if num_shards > 1 else None,
+            replica_group=mesh.get_group("replica") if num_replicas > 1 else None,
+            world_group=world_group if world_size > 1 else None,
+            mesh=mesh,
+        )
+
+    def global_view(self, local: torch.Tensor, num_rows: int):
+        """My rows [rows_mine, ...] of a [num_rows, ...] tensor split like the codebooks, as a DTensor.
+
+        Placed [Replicate(), Shard(0)] on the mesh and sharing memory with `local`: what
+        torch.distributed.checkpoint saves once per shard and reshards on load. A world of one
+        has no mesh: the tensor itself, which is the whole.
+        """
+        if self.mesh is None:
+            return local
+        shape = torch.Size((num_rows, *local.shape[1:]))
+        stride = torch.empty(0).new_empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=stride)
 
     @property
     def num_replicas(self) -> int:
@@ -151,19 +176,30 @@ class ParallelLayout:
             dist.all_reduce(tensor, op=op, group=self.world_group)
         return tensor
 
-    def all_gather_world(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[world, *tensor.shape], in rank order (same shape on every rank)."""
-        if self.world_group is None:
+    def _group(self, over: str) -> Tuple[Optional[dist.ProcessGroup], int]:
+        groups = {
+            "world": (self.world_group, self.world_size),
+            "replica": (self.replica_group, self.num_replicas),
+            "shard": (self.shard_group, self.num_shards),
+        }
+        if over not in groups:
+            raise ValueError(f"over must be one of {list(groups)}, got {over!r}")
+        return groups[over]
+
+    def all_gather_world(self, tensor: torch.Tensor, over: str = "world") -> torch.Tensor:
+        """[ranks, *tensor.shape] from every rank of `over` (world, replica or shard group), in mesh order."""
+        group, size = self._group(over)
+        if group is None:
             return tensor[None]
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous(), group=self.world_group)
+        out = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(out, tensor.contiguous(), group=group)
         return torch.stack(out)
 
-    def all_gather_rows(self, local: torch.Tensor, rows_per_rank: Sequence[int]) -> torch.Tensor:
-        """Every rank's [rows, ...] tensor, concatenated in rank order; row counts may differ."""
+    def all_gather_rows(self, local: torch.Tensor, rows_per_rank: Sequence[int], over: str = "world") -> torch.Tensor:
+        """Every rank's [rows, ...] tensor (ranks of `over`), concatenated in mesh order; row counts may differ."""
         padded = local.new_zeros(max(rows_per_rank), *local.shape[1:])
         padded[: local.shape[0]] = local
-        gathered = self.all_gather_world(padded)
+        gathered = self.all_gather_world(padded, over)
         return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
 
     def broadcast_world(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -208,7 +244,7 @@ class ParallelLayout:
         send_splits = [(b - a) * local * dim for a, b in ranges]
         recv_splits = [(stop - start) * q * dim for q in peers]
         # Differentiable: gradients of the owners' results (distances) reach the heads.
-        received = _AllToAll.apply(send, recv_splits, send_splits, self.shard_group)
+        received = _all_to_all(send, recv_splits, send_splits, self.shard_group)
         parts = received.split(recv_splits)
         routed.owned_cik = torch.cat([p.view(stop - start, q, dim) for p, q in zip(parts, peers)], dim=1)
         return routed
@@ -229,6 +265,6 @@ class ParallelLayout:
         send = torch.cat([b.reshape(-1) for b in blocks])
         send_splits = [b.numel() for b in blocks]
         recv_splits = [(b - a) * mine * row for a, b in ranges]
-        received = _AllToAll.apply(send, recv_splits, send_splits, self.shard_group)
+        received = _all_to_all(send, recv_splits, send_splits, self.shard_group)
         parts = received.split(recv_splits)
         return torch.cat([p.view(b - a, mine, *rest) for p, (a, b) in zip(parts, ranges)], dim=0)

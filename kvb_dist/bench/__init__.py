@@ -1,0 +1,1 @@
+"""Benchmarks, one per concern: python -m kvb_dist.bench.core | sharded | kmeans | checkpoint."""

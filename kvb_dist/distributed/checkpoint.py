@@ -1,0 +1,198 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP): no rank holds the whole model.
+
+A checkpoint is a folder that every rank writes together. A state is a flat dict of tensors:
+DTensors (`ParallelLayout.global_view`) for what is split like the codebooks, so each rank
+writes only its own codebooks (each replicated shard once) and a load reads only the slices a
+rank holds, from a checkpoint of any layout or world size; plain tensors for what every rank
+holds whole, written once. Loading copies into the given tensors in place.
+
+Only tensors go in: DCP would pickle anything else and unpickle it on load. Its `.metadata`
+file is a pickle too, read here by an unpickler that admits only DCP's own metadata types, so
+loading a checkpoint never runs code from it.
+
+A folder is complete when `save` returns on every rank (DCP writes `.metadata` last, after all
+ranks' files). Callers record finished folders elsewhere (an atomically written record) and
+treat any other folder as garbage from an interrupted save.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from kvb_dist.distributed.layout import ParallelLayout
+
+METADATA_FILE = ".metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits the classes DCP's metadata is made of and nothing else."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES or (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is read without running pickled code."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a finished checkpoint: it has no {METADATA_FILE} (an interrupted save, or, if "
+                f"another rank wrote it, a folder this rank cannot see: checkpoints need a file system all ranks share)"
+            )
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} does not hold checkpoint metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_tensors(state: Mapping[str, torch.Tensor]) -> None:
+    wrong = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
+    if wrong:
+        raise TypeError(f"a sharded checkpoint holds tensors only; not tensors: {wrong}")
+
+
+def _group_args(layout: ParallelLayout, group: Optional[dist.ProcessGroup]) -> dict:
+    if layout.world_group is None:  # a world of one: no collectives at all
+        return {"no_dist": True}
+    return {"process_group": group if group is not None else layout.world_group}
+
+
+# DCP warns on every single-process call that it "assumes the intent" we stated with no_dist.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def save(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout) -> None:
+    """Collective: every rank writes its part of `state` into `folder`; returns when all are written."""
+    _check_tensors(state)
+    dcp.save(dict(state), checkpoint_id=str(folder), **_group_args(layout, None))
+
+
+def save_async(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout, group: Optional[dist.ProcessGroup]) -> Future:
+    """Like `save`, but the tensors are copied to host memory and written in a background thread.
+
+    The returned future resolves when the folder is complete. `group` must be a CPU (gloo)
+    group used by nothing else, since the background thread runs collectives on it while
+    training runs its own.
+    """
+    _check_tensors(state)
+    return dcp.async_save(dict(state), checkpoint_id=str(folder), **_group_args(layout, group))
+
+
+def load_(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout) -> None:
+    """Collective: fills every tensor of `state` in place from `folder`, reading only the slices it holds."""
+    _check_tensors(state)
+    dcp.load(dict(state), storage_reader=SafeReader(str(folder)), **_group_args(layout, None))
+
+
+def saved_tensors(folder) -> Dict[str, tuple]:
+    """Name -> (global shape, dtype) of every tensor in a finished checkpoint (reads only its metadata)."""
+    metadata = SafeReader(str(folder)).read_metadata()
+    return {
+        name: (meta.size, meta.properties.dtype)
+        for name, meta in metadata.state_dict_metadata.items()
+        if hasattr(meta, "size")
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state as a flat dict of tensors
+
+
+def init_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Creates the per-parameter state of parameters that have none (moments, step counters).
+
+    One step with zero gradients and a zero learning rate, as torch.distributed.checkpoint's own
+    optimizer helpers do: it allocates the state without moving a parameter. The state is meant
+    to be overwritten by a load.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
+    if not params:
+        return
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    grads = {p: p.grad for p in params}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+        for p, grad in grads.items():
+            p.grad = grad
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer,
+    named_params: Mapping[str, nn.Parameter],
+    views: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None,
+) -> Dict[str, torch.Tensor]:
+    """The optimizer's state tensors as ``{"<param name>.<state key>": tensor}``, sharing memory.
+
+    A state tensor shaped like its parameter gets the parameter's view (`views[name]`, e.g. the
+    sharded values' `global_view`); scalars such as step counters are replicated as they are.
+    Hyperparameters are not included: the optimizer is rebuilt from the config.
+    """
+    views = views or {}
+    init_optimizer_state_(optimizer)
+    out = {}
+    for name, param in named_params.items():
+        view = views.get(name, lambda t: t)
+        for key, value in optimizer.state[param].items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}.{key}"] = view(value) if value.shape == param.shape else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One process, whole tensors: export and import for models small enough to fit
+
+
+def load_full(folder, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Every tensor of a finished checkpoint whose name starts with `prefix`, whole, in this process.
+
+    Names are returned without the prefix. Allocates the full model: for small models only.
+    """
+    saved = saved_tensors(folder)
+    full = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in saved.items() if name.startswith(prefix)}
+    if not full:
+        raise ValueError(f"{folder} holds no tensor named {prefix}*; it holds {sorted(saved)}")
+    load_(full, folder, ParallelLayout.single())
+    return {name[len(prefix) :]: t for name, t in full.items()}
+
+
+def save_full(tensors: Mapping[str, torch.Tensor], folder, prefix: str = "") -> None:
+    """Writes whole tensors from one process as a checkpoint that any layout loads its slices from."""
+    save({prefix + name: t for name, t in tensors.items()}, folder, ParallelLayout.single())
