@@ -268,3 +268,32 @@ def test_ddp_wrap_faults_and_mismatched_configuration():
         assert r["mismatch_error"] is not None and "key_value_pairs_per_codebook" in r["mismatch_error"]
         assert r["input_error"] is not None and "rank(s) [1]" in r["input_error"]
         assert tuple(r["masked_output"]) == (2, 5, 1, 4)
+
+
+def submesh_worker(rank, world_size):
+    """A 4-rank job with mesh (dp=2, replica=1, shard=2): each dp half carries its own bottleneck."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "replica", "shard"))
+    layout = ParallelLayout.from_mesh(mesh["replica", "shard"])
+    module = ShardedKeyValueBottleneck(**CONFIGS["random"], layout=layout)
+    dp = rank // 2
+    x = global_batch(100 + dp, [LOCAL_BATCH, LOCAL_BATCH], CONFIGS["random"])  # each dp half its own data
+    out = module(local_slice(x, layout.rank, [LOCAL_BATCH, LOCAL_BATCH]))
+    return dict(layout=(layout.rank, layout.world_size, layout.codebook_range(5)), out=detached(out), state=module.full_state_dict())
+
+
+@pytest.mark.timeout(120)
+def test_a_slice_of_a_larger_jobs_mesh_carries_the_bottleneck():
+    reports = run_ranks(4, submesh_worker)
+    assert [r["layout"] for r in reports] == [(0, 2, (0, 3)), (1, 2, (3, 5))] * 2
+    for dp in (0, 1):
+        single = KeyValueBottleneck(**CONFIGS["random"])
+        expected = detached(single(global_batch(100 + dp, [LOCAL_BATCH, LOCAL_BATCH], CONFIGS["random"])))
+        for position in (0, 1):
+            got = reports[2 * dp + position]
+            for out, ref in zip(got["out"], expected):
+                torch.testing.assert_close(out, local_slice(ref, position, [LOCAL_BATCH, LOCAL_BATCH]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["state"]["keys"], single.keys, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dims"):
+        ParallelLayout.from_mesh(SimpleNamespace(ndim=1, mesh_dim_names=("shard",), shape=(2,)))

@@ -203,8 +203,9 @@ class ParallelLayout:
         return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
 
     def broadcast_world(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """From the rank at mesh position src (not global rank src: the mesh may be part of a larger job)."""
         if self.world_group is not None:
-            dist.broadcast(tensor, src=src, group=self.world_group)
+            dist.broadcast(tensor, group=self.world_group, group_src=src)
         return tensor
 
     def barrier(self) -> None:
