@@ -197,6 +197,30 @@ def assignment_statistics(queries_cik: torch.Tensor, indices_ci: torch.Tensor, n
     return pair_counts(indices_ci, num_pairs), sums.view(num_codebooks, num_pairs, dim)
 
 
+def hit_statistics(queries_cik: torch.Tensor, indices_ci: torch.Tensor, num_pairs: int):
+    """The pairs hit, as flat ids into c * j (sorted), with their counts [n] and query sums [n, k].
+
+    What a sum over the holders of these codebooks needs to send: O(queries) rows, whatever J
+    is. `scatter_statistics` turns (concatenated) hits back into assignment_statistics' tensors.
+    """
+    num_codebooks, _, dim = queries_cik.shape
+    offsets = torch.arange(num_codebooks, device=queries_cik.device)[:, None] * num_pairs
+    ids, inverse = torch.unique((indices_ci + offsets).reshape(-1), return_inverse=True)
+    counts = torch.bincount(inverse, minlength=ids.numel()).to(torch.float32)
+    sums = torch.zeros(ids.numel(), dim, dtype=torch.float32, device=queries_cik.device)
+    sums.index_add_(0, inverse, queries_cik.reshape(-1, dim))
+    return ids, counts, sums
+
+
+def scatter_statistics(ids: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, num_codebooks: int, num_pairs: int):
+    """Dense counts [c, j] and sums [c, j, k] from hit rows; rows of a repeated id add up in order."""
+    dense_counts = torch.zeros(num_codebooks * num_pairs, dtype=torch.float32, device=sums.device)
+    dense_sums = torch.zeros(num_codebooks * num_pairs, sums.shape[-1], dtype=torch.float32, device=sums.device)
+    dense_counts.index_add_(0, ids, counts)
+    dense_sums.index_add_(0, ids, sums)
+    return dense_counts.view(num_codebooks, num_pairs), dense_sums.view(num_codebooks, num_pairs, sums.shape[-1])
+
+
 def smoothed_cluster_size(cluster_size_cj: torch.Tensor, eps: float) -> torch.Tensor:
     """Laplace-smoothed cluster sizes, rescaled to the total: never zero, sums to the total."""
     num_pairs = cluster_size_cj.shape[-1]

@@ -22,16 +22,15 @@ from torch import nn
 from kvb_dist.codebook import (
     DEFAULT_CHUNK_ELEMENTS,
     Reduce,
-    assignment_statistics,
+    hit_statistics,
     counter_hash,
     counter_randint,
-    counter_uniform,
     ema_update_,
     nearest_keys,
     no_reduce,
-    pair_counts,
     reset_pairs_,
     rows_by_query_id,
+    scatter_statistics,
     smoothed_cluster_size,
 )
 from kvb_dist.kmeans import lloyd_
@@ -46,23 +45,20 @@ _FP32_STATE = ("keys", "keys_avg", "cluster_size", "cluster_size_counter", "init
 _TAG_KEYS, _TAG_VALUES, _TAG_NOISE, _TAG_REPLACE, _TAG_KMEANS = 1, 2, 3, 4, 5
 
 
-def counter_normal(seed: torch.Tensor, tag: int, first_codebook: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normals [c, j, d] for codebooks first_codebook.. (Box-Muller on counter uniforms).
+def seeded_normal(seed: int, tag: int, first_codebook: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normals [c, j, d] for codebooks first_codebook..: codebook g's from a generator seeded by (seed, tag, g).
 
     A codebook's initial keys and values depend on the seed and its global index only, so a
-    sharded module holds exactly the slice that one process would create.
+    sharded module holds exactly the slice that one process would create; one generator call
+    per codebook keeps it as fast as torch.randn (hashing every element was 100x slower).
     """
     num_codebooks, num_pairs, dim = shape
     out = torch.empty(shape)
-    j = torch.arange(num_pairs)[None, :, None]
-    d = torch.arange(dim)[None, None, :]
-    # A few codebooks at a time: the int64 hashing temporaries are 8x the size of the result.
-    for start in range(0, num_codebooks, 16):
-        stop = min(start + 16, num_codebooks)
-        c = torch.arange(first_codebook + start, first_codebook + stop)[:, None, None]
-        radius = torch.sqrt(-2.0 * torch.log(counter_uniform(seed, torch.tensor(tag), c, j, d)))
-        angle = counter_uniform(seed, torch.tensor(tag + 100), c, j, d) * (2 * math.pi)
-        out[start:stop] = radius * torch.cos(angle)
+    generator = torch.Generator()
+    for i in range(num_codebooks):
+        codebook_seed = counter_hash(torch.tensor(seed), torch.tensor(tag), torch.tensor(first_codebook + i))
+        generator.manual_seed(int(codebook_seed) & ((1 << 63) - 1))
+        out[i] = torch.randn(num_pairs, dim, generator=generator)
     return out
 
 
@@ -143,6 +139,7 @@ class KeyValueBottleneck(nn.Module):
         *,
         seed: Optional[int] = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        sparse_values: bool = False,
     ):
         super().__init__()
         _check_arguments(
@@ -172,6 +169,7 @@ class KeyValueBottleneck(nn.Module):
         self.return_values_only = return_values_only
         self.topk = topk
         self.chunk_elements = chunk_elements
+        self.sparse_values = bool(sparse_values)
         self.update_keys = True
         self.count_cluster_size = True
         if seed is None:  # drawn from torch's generator, so torch.manual_seed still governs init
@@ -182,12 +180,11 @@ class KeyValueBottleneck(nn.Module):
         """State for codebooks first_codebook .. first_codebook + num_local_codebooks - 1."""
         self.first_codebook = first_codebook
         shape = (num_local_codebooks, self.key_value_pairs_per_codebook)
-        seed_t = torch.tensor(seed, dtype=torch.int64)
         if self.init_mode == "random":
-            keys = counter_normal(seed_t, _TAG_KEYS, first_codebook, (*shape, self.dim_keys))
+            keys = seeded_normal(seed, _TAG_KEYS, first_codebook, (*shape, self.dim_keys))
         else:
             keys = torch.zeros(*shape, self.dim_keys)
-        values = counter_normal(seed_t, _TAG_VALUES, first_codebook, (*shape, self.dim_values))
+        values = seeded_normal(seed, _TAG_VALUES, first_codebook, (*shape, self.dim_values))
         self.register_buffer("initted", torch.tensor([float(self.init_mode != "kmeans")]))
         self.register_buffer("cluster_size", torch.zeros(shape))
         self.register_buffer("cluster_size_counter", torch.zeros(shape))
@@ -269,7 +266,13 @@ class KeyValueBottleneck(nn.Module):
         return indices_cit + offsets[:, None, None]
 
     def fetch_values(self, flat_indices: torch.Tensor) -> torch.Tensor:
-        """Values [*, v] of rows of the flattened table; gradients reach only these rows."""
+        """Values [*, v] of rows of the flattened table; gradients reach only these rows.
+
+        With sparse_values the gradient of `values` is a sparse COO tensor holding only these
+        rows, for torch.optim.SGD, SparseAdam and Adagrad, which then touch nothing else.
+        """
+        if self.sparse_values:
+            return _FetchRows.apply(self.values, flat_indices)
         return F.embedding(flat_indices, self.values.reshape(-1, self.dim_values))
 
     def indices_problem(self, indices) -> Optional[str]:
@@ -293,7 +296,7 @@ class KeyValueBottleneck(nn.Module):
         if problem is not None:
             raise ValueError(problem)
         if self.count_cluster_size:
-            self.cluster_size_counter.add_(pair_counts(indices.transpose(0, 1), self.key_value_pairs_per_codebook))
+            self._count_usage_(indices.transpose(0, 1).reshape(self.num_codebooks, -1, 1))
         offsets = torch.arange(self.num_codebooks, device=indices.device) * self.key_value_pairs_per_codebook
         return self.fetch_values(indices + offsets.view(1, -1, *([1] * (indices.ndim - 2))))
 
@@ -344,15 +347,29 @@ class KeyValueBottleneck(nn.Module):
             scores = -(queries_cik[:, :, None, :] - keys).pow(2).sum(-1)
 
         if learning:
-            pair_hits, sums = assignment_statistics(detached, indices[..., 0], num_pairs)
-            pair_hits, sums = reduce_sum(pair_hits), reduce_sum(sums)
+            # Summed over the holders of these codebooks as hit rows, not as dense [c, j, k] tensors.
+            hits = self._gathered_over_holders(*hit_statistics(detached, indices[..., 0], num_pairs))
+            pair_hits, sums = scatter_statistics(*hits, num_local, num_pairs)
             if num_global_queries > 0:
                 ema_update_(self.keys, self.keys_avg, self.cluster_size, pair_hits, sums, self.decay, self.eps)
                 self._replace_dead_pairs_(detached, first_query_id, num_global_queries, reduce_sum)
         elif self.count_cluster_size:
-            self.cluster_size_counter.add_(reduce_sum(pair_counts(indices, num_pairs)))
+            self._count_usage_(indices)
         self.random_state[1] += 1
         return Lookup(indices, counts, keys, scores)
+
+    def _count_usage_(self, indices_cit: torch.Tensor) -> None:
+        """One more use for every pair [c, i, t] fetched by any holder; touches those pairs only."""
+        (flat,) = self._gathered_over_holders(self._flat_indices(indices_cit).reshape(-1))
+        self.cluster_size_counter.view(-1).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+    def _gathered_over_holders(self, *rows: torch.Tensor):
+        """Row tensors of every holder of these codebooks, concatenated (here the only holder).
+
+        The sharded module gathers them over its replica group: what makes sums of hit rows, not
+        of [c, j] tensors, travel.
+        """
+        return rows
 
     def _replace_dead_pairs_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
         """Pairs with cluster_size < threshold get a random head of the global batch as key.
@@ -493,6 +510,28 @@ class KeyValueBottleneck(nn.Module):
             f"num_codebooks={self.num_codebooks}, key_value_pairs_per_codebook={self.key_value_pairs_per_codebook}, "
             f"dim_keys={self.dim_keys}, dim_values={self.dim_values}, init_mode={self.init_mode!r}, topk={self.topk}"
         )
+
+
+class _FetchRows(torch.autograd.Function):
+    """Rows of values [c, j, v] at flat indices into c * j; the gradient is sparse over (c, j).
+
+    A hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry per fetched row, not
+    coalesced: optimizers coalesce, and a replica sum concatenates before it does.
+    """
+
+    @staticmethod
+    def forward(ctx, values_cjv: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat_indices)
+        ctx.values_shape = values_cjv.shape
+        return F.embedding(flat_indices, values_cjv.reshape(-1, values_cjv.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        num_codebooks, num_pairs, dim = ctx.values_shape
+        flat = flat.reshape(-1)
+        rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
+        return torch.sparse_coo_tensor(rows, grad.reshape(-1, dim), ctx.values_shape, check_invariants=False), None
 
 
 def _arrange(t: torch.Tensor, batch: int, spatial: Sequence[int]) -> torch.Tensor:

@@ -163,4 +163,4 @@ def test_bad_config_is_a_clear_error(tmp_path):
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "train.optimizer='lbfgs' is not valid; choose from ['adam', 'sgd']" in result.stderr
+    assert "train.optimizer='lbfgs' is not valid; choose from ['adam', 'sgd', 'adagrad']" in result.stderr

@@ -143,8 +143,9 @@ def init_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     grads = {p: p.grad for p in params}
+    sparse = isinstance(optimizer, torch.optim.SparseAdam)  # it refuses dense gradients
     for p in params:
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p).to_sparse(p.ndim - 1) if sparse else torch.zeros_like(p)
     try:
         optimizer.step()
     finally:
@@ -170,7 +171,12 @@ def optimizer_tensors(
     out = {}
     for name, param in named_params.items():
         view = views.get(name, lambda t: t)
-        for key, value in optimizer.state[param].items():
+        state = optimizer.state[param]
+        for key, value in state.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                # A Python number (SparseAdam's step) cannot be loaded in place: keep it as a 0-dim
+                # tensor, which the optimizers' arithmetic accepts.
+                value = state[key] = torch.tensor(float(value), dtype=torch.float64)
             if isinstance(value, torch.Tensor):
                 out[f"{name}.{key}"] = view(value) if value.shape == param.shape else value
     return out

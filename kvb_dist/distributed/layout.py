@@ -171,6 +171,14 @@ class ParallelLayout:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.replica_group)
         return tensor
 
+    def sum_sparse_over_replicas(self, sparse: torch.Tensor) -> torch.Tensor:
+        """The SUM of a sparse COO tensor over the replica group, coalesced; only its entries travel."""
+        sparse = sparse.coalesce()
+        if self.replica_group is None:
+            return sparse
+        (indices, values), _ = self.gather_rows(sparse.indices().t(), sparse.values(), over="replica")
+        return torch.sparse_coo_tensor(indices.t(), values, sparse.shape, check_invariants=False).coalesce()
+
     def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world_group is not None:
             dist.all_reduce(tensor, op=op, group=self.world_group)
@@ -194,6 +202,12 @@ class ParallelLayout:
         out = [torch.empty_like(tensor) for _ in range(size)]
         dist.all_gather(out, tensor.contiguous(), group=group)
         return torch.stack(out)
+
+    def gather_rows(self, *local: torch.Tensor, over: str = "world") -> Tuple[Tuple[torch.Tensor, ...], List[int]]:
+        """Tensors with the same number of rows on a rank (it may differ between ranks), each
+        concatenated over the ranks of `over` in mesh order, and every rank's row count."""
+        sizes = [int(n) for n in self.all_gather_world(torch.tensor([local[0].shape[0]]), over)[:, 0]]
+        return tuple(self.all_gather_rows(t, sizes, over) for t in local), sizes
 
     def all_gather_rows(self, local: torch.Tensor, rows_per_rank: Sequence[int], over: str = "world") -> torch.Tensor:
         """Every rank's [rows, ...] tensor (ranks of `over`), concatenated in mesh order; row counts may differ."""

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kvb_dist.codebook import pair_counts
 from kvb_dist.core import BottleneckOutput, KeyValueBottleneck, _arrange
 from kvb_dist.distributed.layout import ParallelLayout, shard_sizes
 
@@ -34,6 +33,7 @@ _AGREED = (
     "threshold_ema_dead_code",
     "sample_codebook_temperature",
     "topk",
+    "sparse_values",
 )
 
 
@@ -76,6 +76,8 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         # The all-to-all backward already summed the grads of my shard group's samples, each the
         # mean over its rank's batch; adding the replicas and dividing by the world size gives
         # the mean over the global batch.
+        if grad.is_sparse:  # only the fetched rows travel: O(batch x C x v), whatever J is
+            return self.layout.sum_sparse_over_replicas(grad) / self.layout.world_size
         grad = self.layout.all_reduce_replicas(grad.clone())
         return grad / self.layout.world_size
 
@@ -134,8 +136,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         # Every (sample, t, position) is one query fetching one pair: [C, i, 1].
         routed = self.layout.route_to_owners(indices.movedim(1, 0).reshape(num_codebooks, -1, 1), queries_per_rank)
         if self.count_cluster_size:
-            hits = pair_counts(routed.owned_cik, self.key_value_pairs_per_codebook)
-            self.cluster_size_counter.add_(self.layout.all_reduce_replicas(hits))
+            self._count_usage_(routed.owned_cik)
         values = self._values_to_requesters(routed.owned_cik, routed.peer_queries)  # [C, i, 1, v]
         return values.reshape(num_codebooks, batch, *rest, self.dim_values).movedim(0, 1)
 
@@ -162,13 +163,15 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         """
         if owned.ndim != 3 or owned.shape[1] != self.values.shape[0]:
             raise ValueError(f"owned must be [samples, codebooks held here={self.values.shape[0]}, t], got {tuple(owned.shape)}")
-        peer_sizes = [int(n) for n in self.layout.all_gather_world(torch.tensor([rows.numel()]), over="shard")[:, 0]]
-        peer_rows = self.layout.all_gather_rows(rows.reshape(-1), peer_sizes, over="shard")
+        (peer_rows,), peer_sizes = self.layout.gather_rows(rows.reshape(-1), over="shard")
         indices = owned[peer_rows.to(owned.device)].long().movedim(1, 0)  # [C_mine, I, t]
         if self.count_cluster_size:
-            hits = pair_counts(indices, self.key_value_pairs_per_codebook)
-            self.cluster_size_counter.add_(self.layout.all_reduce_replicas(hits))
+            self._count_usage_(indices)
         return self._values_to_requesters(indices, peer_sizes).movedim(0, 1)  # [C, b, t, v] -> [b, C, t, v]
+
+    def _gathered_over_holders(self, *rows: torch.Tensor):
+        # Replicas hold the same codebooks: gather the rows (O(batch x C) of them), never [C, J] tensors.
+        return self.layout.gather_rows(*rows, over="replica")[0]
 
     def fraction_of_unused_keys(self) -> torch.Tensor:
         unused = (self.cluster_size_counter == 0).sum().double()

@@ -81,7 +81,7 @@ class TrainSection:
     batch_size: int = 64  # global batch; split evenly over ranks
     steps_per_task: int = 100  # class-incremental: steps on each task
     iid_steps: int = 300  # iid: steps on all classes at once
-    optimizer: str = "adam"  # adam | sgd (for the values)
+    optimizer: str = "adam"  # adam (lazy: torch.optim.SparseAdam) | sgd | adagrad, for the values
     lr: float = 0.01
     baseline_lr: float = 0.001  # linear probe and MLP (Adam)
     mlp_hidden: int = 256
@@ -124,7 +124,7 @@ CHOICES = {
     "init.method": ("kmeans", "ema", "kmeans+ema"),
     "train.settings": ("class_incremental", "iid"),
     "train.learners": ("kvb", "linear_probe", "mlp"),
-    "train.optimizer": ("adam", "sgd"),
+    "train.optimizer": ("adam", "sgd", "adagrad"),
 }
 POSITIVE = {
     "data.image_size", "data.num_tasks", "data.classes_per_task", "data.samples_per_shard",

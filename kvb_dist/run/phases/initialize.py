@@ -51,6 +51,7 @@ def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
 
 
 def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyValueBottleneck:
+    """The launcher's bottleneck: sparse value gradients, so a step touches only fetched rows."""
     b = config.bottleneck
     return ShardedKeyValueBottleneck(
         b.num_codebooks,
@@ -65,6 +66,7 @@ def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyVal
         return_values_only=False,
         layout=layout,
         seed=config.run.seed,
+        sparse_values=True,
     )
 
 

@@ -139,12 +139,10 @@ class BottleneckLearner:
             for j, chunk in enumerate(rank_chunks(num_rows, layout)[0]):
                 indices.append(bottleneck.owned_indices(self.heads(features[chunk])).movedim(1, 0).cpu())  # [I, C_mine, t]
                 rows.append(torch.cat([torch.arange(num_rows)[chunks[j]] for chunks in peer_chunks]))
-        rows, indices = torch.cat(rows), torch.cat(indices).int()
         # Each replica group looked up different samples: gather them over the replicas.
-        sizes = [int(n) for n in layout.all_gather_world(torch.tensor([rows.numel()]), over="replica")[:, 0]]
-        rows = layout.all_gather_rows(rows, sizes, over="replica")
+        (rows, indices), _ = layout.gather_rows(torch.cat(rows), torch.cat(indices).int(), over="replica")
         cache = torch.empty(num_rows, *indices.shape[1:], dtype=smallest_index_type(bottleneck.key_value_pairs_per_codebook))
-        cache[rows] = layout.all_gather_rows(indices, sizes, over="replica").to(cache.dtype)
+        cache[rows] = indices.to(cache.dtype)
         return cache.to(self.ctx.device)
 
     def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
@@ -218,25 +216,36 @@ def key_usage_histogram(bottleneck, layout) -> Dict[str, List[float]]:
 # Steps
 
 
+# The values' gradients are sparse (only fetched rows): these optimizers then change only the
+# fetched rows. "adam" is lazy Adam (torch.optim.SparseAdam): moments of rows a step did not
+# fetch are left as they are, so an untouched row never moves.
+VALUE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad}
+
+
 def make_optimizer(config, learner):
     if isinstance(learner, BottleneckLearner):
-        if config.train.optimizer == "sgd":
-            return torch.optim.SGD(learner.parameters(), lr=config.train.lr)
-        return torch.optim.Adam(learner.parameters(), lr=config.train.lr)
+        return VALUE_OPTIMIZERS[config.train.optimizer](learner.parameters(), lr=config.train.lr)
     return torch.optim.Adam(learner.parameters(), lr=config.train.baseline_lr)
 
 
 def clip_gradients_(learner, max_norm: float, layout) -> float:
-    """Clips by the global gradient norm; sharded gradients are summed over the shard groups."""
-    squares = sum(p.grad.pow(2).sum() for p in learner.parameters() if p.grad is not None)
-    squares = torch.as_tensor(squares, dtype=torch.float64)
+    """Clips by the global gradient norm; sharded gradients are summed over the shard groups.
+
+    Sparse gradients are coalesced first, so a row fetched twice counts once, as in the dense norm.
+    """
+    grads = []
+    for p in learner.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        if p.grad is not None:
+            grads.append(p.grad.values() if p.grad.is_sparse else p.grad)
+    squares = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
     if learner.sharded:  # each replica group holds every codebook once
         squares = layout.all_reduce_world(squares.clone()) / layout.num_replicas
     norm = float(squares.sqrt())
     if norm > max_norm:
-        for p in learner.parameters():
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
     return norm
 
 
