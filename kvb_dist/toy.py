@@ -170,6 +170,7 @@ def build_learners(
         dim_values=NUM_CLASSES,
         threshold_ema_dead_code=config.threshold_ema_dead_code,
         seed=config.seed,
+        sparse_values=True,
     )
     fit_keys_(bottleneck, config, generator)
     return {"kvb": BottleneckClassifier(bottleneck), **models}
@@ -180,9 +181,13 @@ def build_learners(
 
 
 def train_task_(model: nn.Module, classes: Sequence[int], config: ToyConfig, generator: torch.Generator) -> None:
-    """steps_per_task Adam steps on the task's classes only; a fresh optimizer per task."""
+    """steps_per_task Adam steps on the task's classes only; a fresh optimizer per task.
+
+    The bottleneck's values get lazy Adam (sparse gradients): only the pairs a step fetched move.
+    """
     model.start_task()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    adam = torch.optim.SparseAdam if isinstance(model, BottleneckClassifier) else torch.optim.Adam
+    optimizer = adam(model.parameters(), lr=config.learning_rate)
     for _ in range(config.steps_per_task):
         points, labels = sample_classes(classes, config.batch_size, config, generator)
         loss = F.cross_entropy(model(points), labels)
