@@ -197,3 +197,15 @@ def test_the_launcher_phases_never_gather_the_whole_model():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("full_state_dict", "load_full_state_dict", "gather_codebooks"), f"{path}: {node.attr}"
+
+
+def test_optimizer_state_is_created_without_moving_anything():
+    first, second = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(2))
+    optimizer = torch.optim.Adam([first, second], lr=0.1)
+    first.grad = torch.randn(3, 4)
+    optimizer.step()  # only `first` has state now
+    moments, before, grad = optimizer.state[first]["exp_avg"].clone(), (first.detach().clone(), second.detach().clone()), first.grad
+    state = checkpoint.optimizer_tensors(optimizer, {"first": first, "second": second})
+    assert sorted(state) == sorted(f"{n}.{k}" for n in ("first", "second") for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(optimizer.state[first]["exp_avg"], moments) and float(optimizer.state[first]["step"]) == 1
+    assert torch.equal(first, before[0]) and torch.equal(second, before[1]) and first.grad is grad

@@ -7,7 +7,8 @@ The frozen-key step of the launcher: cached indices (owned by the codebooks' ran
 (`values_at_rows`) -> voting loss -> backward -> optimizer step, on 1 process and on 1 x 2 and
 2 x 1 gloo ranks (one core each). Per rank: the median step time, the bytes sent (counted on the
 real collectives), and the peak RSS of a step above the state held before it (module and
-optimizer moments). Also the bytes of an EMA step (keys learning) for the same sizes.
+optimizer moments). Also the bytes of an EMA step (keys learning) for the same sizes, and the
+sparse step of every J interleaved in one process (the fair comparison of times).
 """
 
 from __future__ import annotations
@@ -75,6 +76,37 @@ def step_worker(rank: int, world_size: int, num_shards: int, size: Dict, repeats
 LAYOUTS = [(1, 1), (2, 2), (2, 1)]  # (world size, shards): 1 process, 1 x 2, 2 x 1
 
 
+def interleaved_scaling(pairs: List[int], repeats: int) -> Dict[int, float]:
+    """Median sparse step (one process, one thread) per J, the sizes' steps interleaved.
+
+    Interleaving puts every size under the same machine load: the separate runs above spread by
+    about 30 % between runs here, more than the effect of J being measured.
+    """
+    steps = {}
+    for num_pairs in pairs:
+        module = ShardedKeyValueBottleneck(256, num_pairs, 14, 10, layout=ParallelLayout.single(), seed=0, sparse_values=True)
+        module.freeze_keys()
+        owned = torch.randint(0, num_pairs, (NUM_SAMPLES, 256, 1), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+        optimizer = torch.optim.SparseAdam([module.values], lr=0.01)
+
+        def step(seed, module=module, owned=owned, optimizer=optimizer):
+            rows = torch.randint(0, NUM_SAMPLES, (256,), generator=torch.Generator().manual_seed(seed))
+            optimizer.zero_grad(set_to_none=True)
+            logits = module.values_at_rows(owned, rows).mean(dim=(1, 2))
+            torch.nn.functional.cross_entropy(logits, rows % 10).backward()
+            optimizer.step()
+
+        step(0)
+        steps[num_pairs] = step
+    times: Dict[int, List[float]] = {num_pairs: [] for num_pairs in steps}
+    for repeat in range(repeats):
+        for num_pairs, step in steps.items():
+            started = time.perf_counter()
+            step(repeat + 1)
+            times[num_pairs].append(time.perf_counter() - started)
+    return {num_pairs: statistics.median(t) for num_pairs, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvb_dist.bench.step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,8 +131,11 @@ def main(argv=None) -> int:
             + "".join(f"| {worst[m]['seconds'] * 1e3:.1f} ms | {worst[m]['sent'] / MiB:.2f} MiB | {worst[m]['peak_above'] / MiB:.0f} MiB " for m in ("sparse", "dense"))
             + f"| {ema / MiB:.2f} MiB |"
         )
+    medians = interleaved_scaling(args.pairs, repeats=6 * args.repeats)
+    print("interleaved, 1 process: " + ", ".join(f"J {j}: {t * 1e3:.1f} ms" for j, t in medians.items())
+          + f"; largest / smallest J: {medians[max(medians)] / medians[min(medians)]:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"layouts": results, "interleaved_seconds": medians}, indent=2))
     return 0
 
 

@@ -136,15 +136,17 @@ def init_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
     optimizer helpers do: it allocates the state without moving a parameter. The state is meant
     to be overwritten by a load.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
-    if not params:
+    grads = {p: p.grad for group in optimizer.param_groups for p in group["params"]}
+    stateless = [p for p in grads if not optimizer.state.get(p)]
+    if not stateless:
         return
     learning_rates = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0
-    grads = {p: p.grad for p in params}
     sparse = isinstance(optimizer, torch.optim.SparseAdam)  # it refuses dense gradients
-    for p in params:
+    for p in grads:  # parameters that have state sit the step out, so their moments stay
+        p.grad = None
+    for p in stateless:
         p.grad = torch.zeros_like(p).to_sparse(p.ndim - 1) if sparse else torch.zeros_like(p)
     try:
         optimizer.step()

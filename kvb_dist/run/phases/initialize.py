@@ -14,12 +14,12 @@ from typing import Dict
 
 import torch
 
-from kvb_dist.run.checkpoint import CheckpointSeries
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
-from kvb_dist.kmeans import streaming_kmeans
-from kvb_dist.run.phases.freeze import embeddings_dir
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
+from kvb_dist.kmeans import streaming_kmeans
+from kvb_dist.run.checkpoint import CheckpointSeries
+from kvb_dist.run.phases.freeze import embeddings_dir
 from kvb_dist.splitters import make_splitter
 
 logger = logging.getLogger(__name__)

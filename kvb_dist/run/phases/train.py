@@ -9,8 +9,10 @@ r-th slice of it. So a run computes the same on any number of ranks (the sharded
 is exact, dense gradients are averaged), and a run resumed from a checkpoint continues
 exactly where it stopped.
 
-Keys are frozen here: each training sample's key indices are looked up once and cached, and
-a training step is a gather of values (`values_at`), no encoder and no lookup.
+Keys are frozen here: each training sample's pair indices are looked up once and cached on the
+ranks that own the codebooks, and a training step sends row ids to the owners, which gather the
+values (`values_at_rows`): no encoder and no lookup. The values' gradients are sparse, so the
+optimizer touches only the fetched rows.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvb_dist.distributed.checkpoint import optimizer_tensors
-from kvb_dist.run.checkpoint import CheckpointSeries
 from kvb_dist.codebook import counter_randint
 from kvb_dist.data.stream import ShardStream
 from kvb_dist.decoders import MLP, LinearProbe
+from kvb_dist.distributed.checkpoint import optimizer_tensors
 from kvb_dist.distributed.layout import shard_ranges
+from kvb_dist.run.checkpoint import CheckpointSeries
 from kvb_dist.run.phases import initialize
 from kvb_dist.run.phases.freeze import embeddings_dir
 
