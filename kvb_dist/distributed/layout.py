@@ -14,6 +14,7 @@ no-op, so callers never branch on "am I distributed".
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -24,6 +25,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 MESH_DIMS = ("replica", "shard")
+
+# torch 2.13 marks torch.distributed.nn.functional deprecated in favour of a private module; it
+# is the public, autograd-aware all_to_all_single, so we keep it and spare users a warning per call site.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated")
 
 
 def shard_sizes(num_items: int, num_shards: int) -> List[int]:
