@@ -209,3 +209,27 @@ def test_optimizer_state_is_created_without_moving_anything():
     assert sorted(state) == sorted(f"{n}.{k}" for n in ("first", "second") for k in ("step", "exp_avg", "exp_avg_sq"))
     assert torch.equal(optimizer.state[first]["exp_avg"], moments) and float(optimizer.state[first]["step"]) == 1
     assert torch.equal(first, before[0]) and torch.equal(second, before[1]) and first.grad is grad
+
+
+def test_rows_are_read_into_place_and_foreign_checkpoints_load_the_dcp_way(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    passed_to_dcp = []
+    original = FileSystemReader.read_data
+
+    def counting(self, plan, planner):
+        passed_to_dcp.extend(item.storage_index.fqn for item in plan.items)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", counting)
+    tensors = {"matrix": torch.randn(6, 5), "step": torch.tensor(3.0), "columns": torch.randn(4, 3).t()}
+    checkpoint.save_full(tensors, tmp_path / "ours")
+    loaded = checkpoint.load_full(tmp_path / "ours")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert passed_to_dcp == ["step"]  # the matrices went straight into place
+    passed_to_dcp.clear()
+    dcp.save(dict(tensors), checkpoint_id=str(tmp_path / "foreign"), no_dist=True)  # no kvb_dist marker
+    loaded = checkpoint.load_full(tmp_path / "foreign")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert sorted(passed_to_dcp) == ["columns", "matrix", "step"]

@@ -17,8 +17,13 @@ treat any other folder as garbage from an interrupted save.
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import math
 import pickle
+import struct
 import warnings
+import zipfile
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
@@ -29,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from kvb_dist.distributed.layout import ParallelLayout
 
@@ -56,8 +62,94 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not checkpoint metadata")
 
 
+class _FileRange(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable stream of their own."""
+
+    def __init__(self, file, start: int, length: int):
+        self.file, self.start, self.length, self.position = file, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = offset if whence == 0 else self.position + offset if whence == 1 else self.length + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        size = max(0, min(len(buffer), self.length - self.position))
+        self.file.seek(self.start + self.position)
+        read = self.file.readinto(memoryview(buffer)[:size])
+        self.position += read
+        return read
+
+
+def _storage_start(file, item_offset: int, item_length: int, num_bytes: int) -> Optional[int]:
+    """Where the bytes of the one tensor storage of a torch.save blob begin in the file, or None.
+
+    None unless the blob holds exactly one uncompressed storage of num_bytes.
+    """
+    with zipfile.ZipFile(_FileRange(file, item_offset, item_length)) as archive:
+        records = [info for info in archive.infolist() if "/data/" in info.filename and not info.filename.endswith("/")]
+        if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != num_bytes:
+            return None
+        header_offset = records[0].header_offset
+    file.seek(item_offset + header_offset)
+    header = file.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return item_offset + header_offset + 30 + name_length + extra_length
+
+
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose metadata is read without running pickled code."""
+    """FileSystemReader whose metadata is read without running pickled code.
+
+    It also reads the rows a rank wants straight into their place: DCP reads each saved chunk
+    whole (its bytes, then a tensor) before copying the slice it wants, which briefly holds twice
+    the chunk. Chunks that kvb_dist saved are row-major (`save` writes contiguous tensors and
+    marks its checkpoints), so a run of rows of a chunk is a run of bytes in the file.
+    """
+
+    def read_data(self, plan, planner):
+        metadata = planner.metadata
+        if ROW_MAJOR not in metadata.state_dict_metadata:  # not written by kvb_dist: DCP's own way
+            return super().read_data(plan, planner)
+        rest = []
+        for item in plan.items:
+            if not (item.type == LoadItemType.TENSOR and self._read_rows_directly(item, planner, metadata)):
+                rest.append(item)
+        if rest:
+            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+        done = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+    def _read_rows_directly(self, item, planner, metadata) -> bool:
+        """Rows [a, b) of a saved chunk read into the target tensor; False where that does not apply."""
+        info = self.storage_data[item.storage_index]
+        tensor_meta = metadata.state_dict_metadata[item.storage_index.fqn]
+        chunk = next((c for c in tensor_meta.chunks if tuple(c.offsets) == tuple(item.storage_index.offset)), None)
+        target = planner.resolve_tensor(item).detach()
+        whole_rows = all(o == 0 for o in item.storage_offsets[1:]) and tuple(item.lengths[1:]) == tuple(chunk.sizes[1:]) if chunk else False
+        if not (whole_rows and target.ndim and not info.transform_descriptors and target.is_contiguous() and target.device.type == "cpu"):
+            return False
+        element = target.element_size()
+        chunk_bytes = math.prod(chunk.sizes) * element
+        with open(Path(self.path) / info.relative_path, "rb") as file:
+            start = _storage_start(file, info.offset, info.length, chunk_bytes)
+            if start is None:
+                return False
+            row_bytes = chunk_bytes // max(1, chunk.sizes[0])
+            file.seek(start + item.storage_offsets[0] * row_bytes)
+            buffer = target.reshape(-1).view(torch.uint8).numpy()
+            if file.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise OSError(f"{info.relative_path} is shorter than its checkpoint metadata says")
+        planner.commit_tensor(item, target)
+        return True
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(self.path) / METADATA_FILE
@@ -92,10 +184,22 @@ def _group_args(layout: ParallelLayout, group: Optional[dist.ProcessGroup]) -> d
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+# A marker every kvb_dist checkpoint holds: its chunks are row-major (see SafeReader).
+ROW_MAJOR = "kvb_dist.row_major_chunks"
+
+
+def _to_save(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    _check_tensors(state)
+    if ROW_MAJOR in state:
+        raise ValueError(f"{ROW_MAJOR!r} is a name kvb_dist's checkpoints reserve")
+    out = {name: t if t.is_contiguous() else t.contiguous() for name, t in state.items()}
+    out[ROW_MAJOR] = torch.ones(1)
+    return out
+
+
 def save(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout) -> None:
     """Collective: every rank writes its part of `state` into `folder`; returns when all are written."""
-    _check_tensors(state)
-    dcp.save(dict(state), checkpoint_id=str(folder), **_group_args(layout, None))
+    dcp.save(_to_save(state), checkpoint_id=str(folder), **_group_args(layout, None))
 
 
 def save_async(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout, group: Optional[dist.ProcessGroup]) -> Future:
@@ -105,8 +209,7 @@ def save_async(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout
     group used by nothing else, since the background thread runs collectives on it while
     training runs its own.
     """
-    _check_tensors(state)
-    return dcp.async_save(dict(state), checkpoint_id=str(folder), **_group_args(layout, group))
+    return dcp.async_save(_to_save(state), checkpoint_id=str(folder), **_group_args(layout, group))
 
 
 def load_(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout) -> None:
@@ -121,7 +224,7 @@ def saved_tensors(folder) -> Dict[str, tuple]:
     return {
         name: (meta.size, meta.properties.dtype)
         for name, meta in metadata.state_dict_metadata.items()
-        if hasattr(meta, "size")
+        if hasattr(meta, "size") and name != ROW_MAJOR
     }
 
 
