@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import psutil
 import torch
@@ -83,15 +83,12 @@ def save_worker(rank: int, world_size: int, folder: str, scratch: str, size: Dic
     layout = ParallelLayout.build(num_shards=world_size)
     state = shard_state(layout, seed=1, **size)
     shard_bytes = sum(local_of(t).numel() * local_of(t).element_size() for t in state.values())
-    plain = {name: local_of(t) for name, t in state.items()}
+    plain = {name: local_of(t) for name, t in state.items()}  # the same memory, as plain tensors
     own_file = Path(scratch) / f"rank{rank}.pt"
     torch_save_s, torch_save_peak = timed(lambda: torch.save(plain, own_file))
-    del plain
     layout.barrier()
     save_s, save_peak = timed(lambda: checkpoint.save(state, folder, layout))
-    del state
-    own = torch_load_s, torch_load_peak = timed(lambda: torch.load(own_file, weights_only=True))
-    del own
+    torch_load_s, _ = timed(lambda: torch.load(own_file, weights_only=True))
     own_file.unlink()
     written = sum(f.stat().st_size for f in Path(folder).glob(f"__{rank}_*.distcp"))
     return dict(shard_mib=shard_bytes / MiB, save_s=save_s, save_peak_mib=save_peak / MiB, torch_save_s=torch_save_s,
@@ -146,7 +143,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     size = dict(num_codebooks=args.codebooks, num_pairs=args.pairs, dim=args.dim)
-    full_mib = args.codebooks * args.pairs * (5 * args.dim + 2) * 4 / MiB
     print(f"full state {args.codebooks * args.pairs * (5 * args.dim + 2) * 4 / MiB:.0f} MiB")
     results = [measure(2, 1, 1, size), measure(2, 4, 2, size), measure(4, 2, 2, size), measure(4, 3, 3, size)]
     print("| save -> load | shard per rank (save) | save (torch.save) | save peak above state / shard | written / shard "
