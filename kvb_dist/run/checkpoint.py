@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -96,18 +95,15 @@ class CheckpointSeries:
         if self._pending is not None:
             future, record = self._pending
             self._pending = None
-            result = future.result()
-            if isinstance(result, Future):  # some torch versions nest the upload future
-                result.result()
+            future.result()
             self._finish(record)
 
     def _finish(self, record: Dict) -> None:
         # DCP's save ends with a collective after every rank's files are written, so rank 0 may
         # record the folder as soon as its own save returns.
-        if self.layout.rank == 0:
-            save_atomic(record, self.record_path)
         self.record = record
         if self.layout.rank == 0:
+            save_atomic(record, self.record_path)
             self._remove_unrecorded_folders()
 
     def _remove_unrecorded_folders(self) -> None:
