@@ -12,6 +12,7 @@ j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per quer
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
@@ -174,7 +175,24 @@ class KeyValueBottleneck(nn.Module):
         self.count_cluster_size = True
         if seed is None:  # drawn from torch's generator, so torch.manual_seed still governs init
             seed = int(torch.randint(0, 2**62, ()).item())
+        # numbers.Integral keeps numpy integers working; the seed lives in an int64 buffer.
+        elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**63), got {seed!r}")
+        seed = int(seed)
         self._register_state(seed, first_codebook=0, num_local_codebooks=num_codebooks)
+
+    @property
+    def topk(self) -> int:
+        """Pairs fetched per query once keys are frozen, in [1, key_value_pairs_per_codebook]."""
+        return self._topk
+
+    @topk.setter
+    def topk(self, value: int) -> None:
+        # Checked on every assignment: a later `module.topk = 0` would otherwise fail deep in the lookup.
+        pairs = self.key_value_pairs_per_codebook
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= pairs:
+            raise ValueError(f"topk must be an integer in [1, key_value_pairs_per_codebook={pairs}], got {value!r}")
+        self._topk = value
 
     def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int) -> None:
         """State for codebooks first_codebook .. first_codebook + num_local_codebooks - 1."""
@@ -213,7 +231,7 @@ class KeyValueBottleneck(nn.Module):
     # Forward
 
     def forward(self, x: torch.Tensor):
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x):
             queries_cik, batch, spatial = self._queries_from_input(x)
             lookup = self._lookup_and_learn(
                 queries_cik,
@@ -240,6 +258,10 @@ class KeyValueBottleneck(nn.Module):
         expected = f"[batch, num_codebooks={self.num_codebooks}, *spatial, dim_keys={self.dim_keys}]"
         if not isinstance(x, torch.Tensor):
             return f"input must be a torch.Tensor {expected}, got {type(x).__name__}"
+        if x.layout != torch.strided:
+            return f"input must be a dense (strided) tensor, got layout {x.layout}"
+        if x.is_meta:
+            return "input is on the meta device: it holds no values to look up"
         if x.ndim < 3 or x.shape[1] != self.num_codebooks or x.shape[-1] != self.dim_keys:
             return f"input must have shape {expected}, got {tuple(x.shape)}"
         if not x.is_floating_point():
@@ -434,6 +456,10 @@ class KeyValueBottleneck(nn.Module):
             )
         if not bool(torch.isfinite(keys).all()):
             raise ValueError("keys contain NaN or infinite values")
+        if not bool(torch.isfinite(cluster_size).all()):
+            raise ValueError("cluster_size contains NaN or infinite values")
+        if bool((cluster_size < 0).any()):
+            raise ValueError("cluster_size contains negative values; it holds cluster counts (>= 0)")
         self.keys.copy_(keys)
         self.cluster_size.copy_(cluster_size)
         self.keys_avg.copy_(self.keys * smoothed_cluster_size(self.cluster_size, self.eps)[..., None])
@@ -495,6 +521,15 @@ class KeyValueBottleneck(nn.Module):
                     f"checkpoint entry '{prefix}{name}' has shape {tuple(found.shape)} but this module expects "
                     f"({meaning}) = {tuple(shape)}"
                 )
+        # Codebook state with NaN/inf (or negative counts) would silently poison every lookup and EMA step.
+        for name in ("keys", "keys_avg", "cluster_size", "cluster_size_counter"):
+            found = state_dict.get(prefix + name)
+            if not isinstance(found, torch.Tensor) or found.is_meta:
+                continue
+            if not bool(torch.isfinite(found).all()):
+                raise ValueError(f"checkpoint entry '{prefix}{name}' contains NaN or infinite values")
+            if name in ("cluster_size", "cluster_size_counter") and bool((found < 0).any()):
+                raise ValueError(f"checkpoint entry '{prefix}{name}' contains negative values; it holds counts (>= 0)")
         # Checkpoints of the original code have no random_state: keep ours.
         if prefix + "random_state" not in state_dict:
             state_dict[prefix + "random_state"] = self.random_state.clone()
@@ -532,6 +567,13 @@ class _FetchRows(torch.autograd.Function):
         flat = flat.reshape(-1)
         rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
         return torch.sparse_coo_tensor(rows, grad.reshape(-1, dim), ctx.values_shape, check_invariants=False), None
+
+
+def autocast_off(x) -> torch.autocast:
+    """No autocast on x's device: codebook math runs in fp32. (CPU for what is no real tensor;
+    the input check then says what is wrong with it.)"""
+    real = isinstance(x, torch.Tensor) and x.device.type != "meta"
+    return torch.autocast(device_type=x.device.type if real else "cpu", enabled=False)
 
 
 def _arrange(t: torch.Tensor, batch: int, spatial: Sequence[int]) -> torch.Tensor:

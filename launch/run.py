@@ -13,13 +13,17 @@ Several nodes (run on every node, NODE_RANK = 0 .. N-1, HEAD = the IP of node 0)
         --main_process_ip $HEAD launch/run.py --config configs/cifar10_dino.yaml
 
 Overrides follow the config: `train.lr=0.1 run.name=try2`. `--phases train evaluate` runs only
-those phases. Running the same command again after a crash resumes from the run folder.
+those phases. Running the same command again after a crash resumes from the run folder; a
+SIGTERM (a scheduler's preemption) checkpoints after the current step and exits with code 75.
+One run at a time uses a run folder, and only with the config it was made with: changes that
+alter results are refused unless `--redo PHASE` redoes that phase and the later ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from kvb_dist.run.config import load_config  # noqa: E402
+from kvb_dist.run.folder import RunFolder  # noqa: E402
 from kvb_dist.run.phases import PHASES, RunContext, run_phases  # noqa: E402
+from kvb_dist.run.stop import EXIT_PREEMPTED, Preempted, StopRequest  # noqa: E402
 
 logger = logging.getLogger("kvb_dist")
 
@@ -41,13 +47,19 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in defaults = the digits demo)")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    parser.add_argument(
+        "--redo", default=None, choices=PHASES,
+        help="delete what this phase and the later ones wrote, then run them with the current config",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    # Before the process group exists: a SIGTERM from here on checkpoints instead of killing.
+    stop = StopRequest().install()
+    config = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
 
@@ -79,20 +91,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         "run %s: %d rank(s) = %d replica(s) x %d shard(s), device %s",
         config.run_dir, layout.world_size, layout.num_replicas, layout.num_shards, accelerator.device,
     )
-    if accelerator.is_main_process:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = None
+    tracker = folder = None
     try:
+        folder = RunFolder.claim(config, layout, redo=args.redo)
         tracker = Tracker(accelerator, config, config.run_dir)
-        ctx = RunContext(config=config, layout=layout, tracker=tracker, device=accelerator.device)
+        ctx = RunContext(config=config, layout=layout, tracker=tracker, device=accelerator.device, stop=stop)
         summary = run_phases(ctx, args.phases)
         if accelerator.is_main_process and summary:
             print("\nfinal average accuracy (all classes, after the last task)")
             print(summary["table"])
             print(f"\nresults: {config.run_dir / 'results.json'}\nplots:   {summary['plots']}")
+    except Preempted as where:
+        logger.warning("stopped by signal %s %s, checkpoint written: run the same command to resume", stop.signal_number, where)
+        return EXIT_PREEMPTED
     finally:
         if tracker is not None:
             tracker.finish()
+        if folder is not None:
+            folder.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

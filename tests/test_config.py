@@ -66,3 +66,88 @@ def test_defaults_are_valid_and_are_the_digits_demo():
     # launch/run.py --help promises that running without --config is the digits demo.
     assert isinstance(load_config(), Config)
     assert load_config().to_dict() == load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml").to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        # Non-finite floats: none of them has a meaning at NaN or infinity.
+        (["train.lr=inf"], r"train.lr must be a finite number"),
+        (["train.lr=nan"], r"train.lr must be a finite number"),
+        (["train.baseline_lr=-inf"], r"train.baseline_lr must be a finite number"),
+        (["bottleneck.eps=inf"], r"bottleneck.eps must be a finite number"),
+        (["bottleneck.decay=nan"], r"bottleneck.decay must be a finite number"),
+        (["data.test_fraction=nan"], r"data.test_fraction must be a finite number"),
+        (["bottleneck.threshold_ema_dead_code=inf"], r"bottleneck.threshold_ema_dead_code must be a finite number"),
+        (["train.label_smoothing=nan"], r"train.label_smoothing must be a finite number"),
+        (["train.grad_clip=inf"], r"train.grad_clip must be a finite number"),
+        # Ranges.
+        (["train.lr=0"], r"train.lr must be > 0"),
+        (["train.lr=-0.1"], r"train.lr must be > 0"),
+        (["train.baseline_lr=0"], r"train.baseline_lr must be > 0"),
+        (["bottleneck.eps=0"], r"bottleneck.eps must be > 0"),
+        (["bottleneck.eps=-1e-5"], r"bottleneck.eps must be > 0"),
+        (["train.steps_per_task=0"], r"train.steps_per_task must be >= 1"),
+        (["train.iid_steps=-5"], r"train.iid_steps must be >= 1"),
+        (["init.kmeans_iters=-1"], r"init.kmeans_iters must be >= 0"),
+        (["init.ema_epochs=-1"], r"init.ema_epochs must be >= 0"),
+        (["bottleneck.threshold_ema_dead_code=-0.1"], r"bottleneck.threshold_ema_dead_code must be >= 0"),
+        (["train.grad_clip=-1"], r"train.grad_clip must be >= 0"),
+        (["run.threads=-2"], r"run.threads must be >= 0"),
+        (["train.label_smoothing=1.0"], r"train.label_smoothing must be in \[0, 1\)"),
+        (["train.label_smoothing=-0.1"], r"train.label_smoothing must be in \[0, 1\)"),
+        (["run.seed=-1"], r"run.seed must be in \[0, 2\*\*63\)"),
+        (["run.seed=9223372036854775808"], r"run.seed must be in \[0, 2\*\*63\)"),
+        # run.name must name a folder inside run.out_dir.
+        (["run.name=../x"], r"run.name='../x' has a '..' part.*inside run.out_dir"),
+        (["run.name=a/../../b"], r"run.name='a/../../b' has a '..' part"),
+        (["run.name=a/.."], r"run.name='a/..' has a '..' part"),
+        (["run.name=/tmp/x"], r"run.name='/tmp/x' is an absolute path"),
+        (["run.name="], r"run.name='' names run.out_dir itself"),
+        (["run.name=."], r"run.name='.' names run.out_dir itself"),
+        # Duplicates and impossible combinations.
+        (["train.settings=iid,iid"], r"train.settings lists \['iid'\] more than once"),
+        (["train.learners=kvb,mlp,kvb"], r"train.learners lists \['kvb'\] more than once"),
+        (["data.num_tasks=6"], r"data.num_tasks x data.classes_per_task = 6 x 2 = 12 exceeds the 10 classes of data.dataset='digits'"),
+        (["data.dataset=cifar10", "data.classes_per_task=11", "data.num_tasks=1"], r"exceeds the 10 classes of data.dataset='cifar10'"),
+        (["data.dataset=toy", "data.num_tasks=5"], r"data.num_tasks x data.classes_per_task = 5 x 2 = 10 exceeds the 8 classes of data.dataset='toy'"),
+    ],
+)
+def test_impossible_values_raise_at_load(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_limits_themselves_are_valid():
+    config = load_config(None, ["run.seed=9223372036854775807", "train.label_smoothing=0.0", "init.kmeans_iters=0",
+                                "init.ema_epochs=0", "train.grad_clip=0", "run.name=exp/a", "run.name=exp/./b",
+                                "data.num_tasks=1", "data.classes_per_task=10"])
+    assert config.run_dir == Path("runs") / "exp" / "b"
+    assert load_config(None, ["data.dataset=toy", "data.num_tasks=4"]).data.num_tasks == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, match",
+    [
+        (["train.batch_size=64"], 3, r"train.batch_size=64 must be divisible by the world size 3.*multiples of 3, e.g. 63 or 66"),
+        (["train.batch_size=2"], 4, r"train.batch_size=2 must be divisible by the world size 4.*e.g. 4$"),
+        (["train.batch_size=8", "init.method=ema", "init.batch_size=4"], 8, r"init.batch_size=4 must be >= the world size 8"),
+        ([], 0, r"world_size must be a positive integer"),
+    ],
+)
+def test_world_size_checks(overrides, world_size, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides, world_size=world_size)
+
+
+def test_world_size_checks_pass_when_they_should():
+    assert load_config(None, ["train.batch_size=64"], world_size=8).train.batch_size == 64
+    # k-means takes init.batch_size per rank: no lower bound from the world size.
+    assert load_config(None, ["train.batch_size=8", "init.method=kmeans", "init.batch_size=4"], world_size=8)
+    assert load_config(None, ["train.batch_size=63"]).train.batch_size == 63  # no world size, no check
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_on_common_world_sizes(path, world_size):
+    assert load_config(path, world_size=world_size).run.name == path.stem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kvb_dist import KeyValueBottleneck
 from kvb_dist.codebook import counter_uniform, nearest_keys, smoothed_cluster_size
@@ -229,3 +230,92 @@ def test_autocast_and_half_inputs_use_fp32_codebook_math():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (values,) = module(heads(3, 2, 3).bfloat16())
     assert values.dtype == torch.float32 and module.keys.dtype == torch.float32
+
+
+@pytest.mark.parametrize("topk", [0, 9, -1, 1.0, 2.5, True, "2"])
+def test_topk_is_checked_on_assignment(topk):
+    module = KeyValueBottleneck(2, 8, 3, 4, topk=2)
+    with pytest.raises(ValueError, match=r"topk must be an integer in \[1, key_value_pairs_per_codebook=8\]"):
+        module.topk = topk
+    assert module.topk == 2  # a rejected value leaves the module as it was
+
+
+def test_topk_assignment_is_used_and_survives_copies():
+    import copy
+    import io
+
+    module = KeyValueBottleneck(2, 8, 3, 4, return_values_only=False).freeze_keys()
+    module.topk = 3
+    assert module(heads(4, 2, 3)).indices.shape == (4, 2, 3, 1)
+    assert "topk=3" in repr(module) and "topk" not in module.state_dict()
+    assert copy.deepcopy(module).topk == 3
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).topk == 3
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True, 2**64])
+def test_seed_must_be_an_integer(seed):
+    with pytest.raises(ValueError, match="seed must be None or an integer"):
+        KeyValueBottleneck(2, 8, 3, 4, seed=seed)
+
+
+def test_integer_seeds_of_any_kind_are_accepted():
+    import numpy as np
+
+    first = KeyValueBottleneck(2, 8, 3, 4, seed=np.int64(3))
+    assert torch.equal(first.keys, KeyValueBottleneck(2, 8, 3, 4, seed=3).keys)
+    assert KeyValueBottleneck(2, 8, 3, 4, seed=None).random_state.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (float("nan"), "cluster_size contains NaN or infinite values"),
+        (float("inf"), "cluster_size contains NaN or infinite values"),
+        (-1.0, "cluster_size contains negative values"),
+    ],
+)
+def test_set_keys_rejects_bad_cluster_sizes(bad, match):
+    module = KeyValueBottleneck(2, 8, 3, 4)
+    cluster_size = torch.ones(2, 8)
+    cluster_size[1, 3] = bad
+    before = module.keys.clone()
+    with pytest.raises(ValueError, match=match):
+        module.set_keys_(torch.randn(2, 8, 3), cluster_size)
+    assert torch.equal(module.keys, before)
+
+
+@pytest.mark.parametrize(
+    "name, bad, match",
+    [
+        ("keys", float("nan"), "'keys' contains NaN or infinite values"),
+        ("keys", float("-inf"), "'keys' contains NaN or infinite values"),
+        ("keys_avg", float("inf"), "'keys_avg' contains NaN or infinite values"),
+        ("cluster_size", float("nan"), "'cluster_size' contains NaN or infinite values"),
+        ("cluster_size", -0.5, "'cluster_size' contains negative values"),
+        ("cluster_size_counter", -1.0, "'cluster_size_counter' contains negative values"),
+    ],
+)
+def test_loading_corrupt_codebook_state_names_the_entry(name, bad, match):
+    state = KeyValueBottleneck(2, 8, 3, 4, seed=0).state_dict()
+    state[name] = state[name].clone()
+    state[name].view(-1)[5] = bad
+    target = KeyValueBottleneck(2, 8, 3, 4, seed=1)
+    before = target.keys.clone()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert torch.equal(target.keys, before)
+    # Under a prefix (the bottleneck inside a model) the message names the full entry.
+    wrapper = nn.Sequential(KeyValueBottleneck(2, 8, 3, 4, seed=1))
+    with pytest.raises(ValueError, match=f"'0.{name}'"):
+        wrapper.load_state_dict({f"0.{k}": v for k, v in state.items()})
+
+
+def test_loading_good_state_still_works_after_the_checks():
+    module = KeyValueBottleneck(2, 8, 3, 4, seed=0)
+    module(heads(5, 2, 3))
+    clone = KeyValueBottleneck(2, 8, 3, 4, seed=1)
+    clone.load_state_dict(module.original_state_dict())
+    assert torch.equal(clone.keys, module.keys) and torch.equal(clone.cluster_size, module.cluster_size)

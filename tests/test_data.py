@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,7 +15,10 @@ import torch
 
 from kvb_dist.distributed.spawn import run_ranks
 from kvb_dist.data import (
+    UNLABELLED,
+    BadShardTotals,
     ShardIndex,
+    ShardInfo,
     ShardStream,
     ShardWriter,
     agreed_num_batches,
@@ -30,7 +34,7 @@ from kvb_dist.data import (
     write_toy,
 )
 from kvb_dist.data.__main__ import main as cli
-from kvb_dist.data.stream import NonFiniteFeatures, epoch_shard_order, reader_shards
+from kvb_dist.data.stream import NonFiniteFeatures, epoch_shard_order, read_shard, reader_shards
 
 # Samples of each part of the uneven shard set below (each part's shards have one size).
 UNEVEN_PARTS = [(50, 2), (10, 1), (31, 3), (5, 1)]  # (samples per shard, shards)
@@ -121,6 +125,114 @@ def test_digits_toy_and_cli(tmp_path, capsys):
     assert "9 samples in 3 shards" in capsys.readouterr().out
     assert cli(["write-toy", str(tmp_path / "np"), "--num-points", "5"]) == 2  # exists: clear error
     assert "overwrite" in capsys.readouterr().err
+
+
+def rename_first_shard_in_index(folder, name: str) -> None:
+    """Edits index.json as someone else's index could be: the first shard's name replaced."""
+    path = os.path.join(folder, "index.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["shards"][0]["name"] = name
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_index_names_must_be_plain_files_in_the_shard_folder(tmp_path, capsys):
+    folder = tmp_path / "set"
+    index = write_arrays(str(folder), *labelled_features(20), samples_per_shard=10)
+    (tmp_path / "other").mkdir()
+    shutil.copy(folder / "shard-000000.tar", tmp_path / "other" / "shard-000000.tar")
+    marker = tmp_path / "marker"
+    bad_names = [
+        f"pipe:touch {marker}; cat {folder / 'shard-000000.tar'}",
+        "pipe:cat shard-000000.tar",
+        str(folder / "shard-000000.tar"),  # absolute
+        "../other/shard-000000.tar",
+        "file:shard-000000.tar",
+        "http://example.com/shard-000000.tar",
+        "..",
+        "",
+        "shard\0.tar",
+        "shard-000000.tar\0",
+    ]
+    for name in bad_names:
+        rename_first_shard_in_index(str(folder), name)
+        with pytest.raises(ValueError, match="plain file names") as error:
+            ShardIndex.load(str(folder))
+        assert repr(name) in str(error.value)
+        with pytest.raises(ValueError, match="plain file names"):
+            read_all(ShardStream(str(folder), batch_size=4))
+        assert cli(["info", str(folder), "--verify"]) == 2
+        assert "plain file names" in capsys.readouterr().err
+    assert not marker.exists()  # the pipe: command never ran
+
+    # An index built in code is held to the same rule when read.
+    built = ShardIndex(kind=index.kind, shards=[ShardInfo("../other/shard-000000.tar", 10, {})], root=str(folder))
+    with pytest.raises(ValueError, match="plain file names"):
+        built.url_of(built.shards[0])
+    # read_shard itself still takes any url its caller writes, pipe: included.
+    shard = index.shards[0]
+    data = read_shard(f"pipe:cat {folder / shard.name}", shard, index)
+    assert len(data.keys) == 10
+
+
+def test_empty_shards_are_read_as_empty(tmp_path, capsys):
+    features, labels = labelled_features(20)
+    index = write_arrays(str(tmp_path), features, labels, samples_per_shard=10)
+    with tarfile.open(tmp_path / "empty-tarfile.tar", "w"):
+        pass  # tarfile's empty archive: end blocks padded to a 10 kB record
+    (tmp_path / "empty-end-blocks.tar").write_bytes(bytes(1024))  # just the two end blocks
+    index.shards += [ShardInfo("empty-tarfile.tar", 0, {}), ShardInfo("empty-end-blocks.tar", 0, {})]
+    index.save()
+    for name in ("empty-tarfile.tar", "empty-end-blocks.tar"):
+        data = read_shard(str(tmp_path / name), ShardInfo(name, 0, {}), index)
+        assert data.keys == [] and data.features.shape == (0, 3) and data.labels.shape == (0,)
+    stream = ShardStream(str(tmp_path), batch_size=3, shuffle_shards=False)
+    _, x, _ = read_all(stream)
+    assert sorted(x[:, 0].long().tolist()) == list(range(20))
+    assert stream.stats.shards_read == 4 and stream.stats.shards_skipped == 0
+    assert cli(["info", str(tmp_path), "--verify"]) == 0
+    assert "verified 4 shards: 0 bad, 2 empty" in capsys.readouterr().out
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    index = write_arrays(str(tmp_path / "set"), *labelled_features(20), samples_per_shard=10)
+    data = json.loads((tmp_path / "set" / "index.json").read_text())
+    data["shards"].append(dict(data["shards"][0]))
+    (tmp_path / "set" / "index.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="'shard-000000.tar' is listed twice"):
+        ShardIndex.load(str(tmp_path / "set"))
+    index.shards.append(index.shards[0])  # built in code
+    with pytest.raises(ValueError, match="listed twice"):
+        ShardStream(index, batch_size=4)
+
+    # Two writers with the same shard prefix: the second overwrote the first's shard.
+    for part in range(2):
+        with ShardWriter(str(tmp_path / "parts"), samples_per_shard=10, key_prefix=f"r{part}-",
+                         index_name=index_part_name(part)) as writer:
+            writer.write_batch(*labelled_features(5))
+    with pytest.raises(ValueError, match="'shard-000000.tar' is listed twice"):
+        merge_index_parts(str(tmp_path / "parts"))
+    assert not (tmp_path / "parts" / "index.json").exists()
+
+
+def test_labels_must_be_integers_in_range(tmp_path):
+    features, _ = labelled_features(1)
+    writer = ShardWriter(str(tmp_path))
+    for i, label in enumerate([-2, 2**31, 1.5, True, np.bool_(False), float("nan"), "3", None]):
+        with pytest.raises(ValueError, match=rf"sample bad{i} has label .* integers in \[-1, 2147483647\]"):
+            writer.write(label, features[0], key=f"bad{i}")
+    with pytest.raises(ValueError, match="sample 000000001 has label 1.5"):
+        writer.write_batch(np.zeros((2, 3)), np.array([0, 1.5]))  # the first sample is written
+    with pytest.raises(ValueError, match="sample 000000001 has label True"):
+        writer.write_batch(np.zeros((1, 3)), np.array([True]))
+    for i, label in enumerate([UNLABELLED, 2**31 - 1, np.int64(5), 3.0, np.float32(2), torch.tensor(4)]):
+        writer.write(label, features[0], key=f"good{i}")
+    writer.write(0, features[0], key="bad0")  # a refused sample's key is still free
+    index = writer.close()
+    assert index.class_histogram == {-1: 1, 0: 2, 2: 1, 3: 1, 4: 1, 5: 1, 2**31 - 1: 1}
+    _, _, y = read_all(ShardStream(str(tmp_path), batch_size=16))
+    assert sorted(y.tolist()) == [-1, 0, 0, 2, 3, 4, 5, 2**31 - 1]
 
 
 def test_image_folder_shards(tmp_path):
@@ -267,13 +379,36 @@ def test_corrupt_and_missing_shards_are_skipped_and_counted(tmp_path, caplog):
     assert sum("skipping shard" in r.message for r in caplog.records) == 3
     read_all(stream)  # a second pass skips them again without warning or counting twice
     assert stream.stats.shards_skipped == 3 and sum("skipping shard" in r.message for r in caplog.records) == 3
-    assert stream.check_bad_shards(lambda t: t) == 3
+    assert stream.check_bad_shards(lambda t: t).shards == 3
+    assert stream.stats.samples_skipped == 30  # from the index, though the truncated shards hold some
 
     os.remove(tmp_path / "shard-000000.tar")
     with pytest.raises(ValueError, match=r"4 of 10 shards are unreadable, more than max_bad_fraction=0.3"):
         read_all(ShardStream(index, batch_size=7, max_bad_fraction=0.3))
     with pytest.raises(ValueError, match="unreadable"):  # same rule inside DataLoader workers
         read_all(ShardStream(index, batch_size=7, max_bad_fraction=0.1, num_workers=2))
+
+
+def test_skipped_samples_are_counted_from_the_index(tmp_path):
+    index = write_uneven(str(tmp_path))  # shards of 50, 50, 10, 31, 31, 31, 5 samples
+    for name in (index.shards[2].name, index.shards[6].name):
+        (tmp_path / name).write_bytes(b"garbage")
+    stream = ShardStream(index, batch_size=8, max_bad_fraction=0.3, classes=[0, 1, 2, 3])
+    read_all(stream)
+    read_all(stream)  # a second epoch: each bad shard counted once
+    assert stream.stats.shards_skipped == 2 and stream.stats.samples_skipped == 15
+    assert stream.stats.samples_read == 2 * (208 - 15)
+    assert stream.check_bad_shards(lambda t: t) == BadShardTotals(shards=2, samples=15)
+    # Two ranks: each sees its own bad shards; the all-rank totals add the other rank's flags.
+    ranks = [ShardStream(index, batch_size=8, rank=r, world_size=2, max_bad_fraction=0.3, seed=1) for r in range(2)]
+    for rank in ranks:
+        read_all(rank)
+    assert sum(r.stats.samples_skipped for r in ranks) == 15
+    flags = [[1.0 if index.url_of(s) in r.stats.bad_shards else 0.0 for s in index.shards] for r in ranks]
+    all_ranks = lambda t: torch.tensor(flags, dtype=t.dtype).sum(0)  # noqa: E731  (what all_reduce_sum gives)
+    assert {r.check_bad_shards(all_ranks) for r in ranks} == {BadShardTotals(2, 15)}
+    with pytest.raises(ValueError, match=r"2 of 7 shards \(15 samples\) are unreadable over all ranks"):
+        ShardStream(index, batch_size=8, max_bad_fraction=0.2).check_bad_shards(all_ranks)
 
 
 def test_nonfinite_features_are_reported_with_shard_and_key(tmp_path):
@@ -311,7 +446,7 @@ def _lockstep_worker(rank, world_size, folder, broken_folder):
     for _ in lockstep(broken, layout.all_reduce_world):
         layout.all_reduce_world(torch.ones(1))
         short_steps += 1
-    return epoch_keys, steps, agreed, short_steps, broken.check_bad_shards(layout.all_reduce_world)
+    return (epoch_keys, steps, agreed, short_steps, broken.check_bad_shards(layout.all_reduce_world))
 
 
 @pytest.mark.timeout(120)
@@ -327,4 +462,6 @@ def test_uneven_shards_in_lockstep_on_three_ranks(tmp_path):
     assert len({len(r[0]) for r in results}) > 1  # the ranks really were uneven
     assert {r[1] for r in results} == {results[0][2]}  # every rank ran the agreed number of steps
     assert {r[3] for r in results} == {0}  # rank 0 had nothing: nobody stepped, nobody hung
-    assert {r[4] for r in results} == {len(rank0_shards)}  # all ranks agree on the bad shard count
+    rank0_samples = sum(index.shards[i].num_samples for i in rank0_shards)
+    # All ranks agree on the bad shards and the samples they held.
+    assert {r[4] for r in results} == {BadShardTotals(len(rank0_shards), rank0_samples)}

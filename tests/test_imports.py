@@ -24,7 +24,7 @@ def test_codebook_math_does_not_import_torch_distributed():
 
 
 def test_the_distributed_layer_knows_no_models_or_classification():
-    allowed = {"torch", "torch.distributed", "math", "dataclasses", "typing", "warnings", "__future__"}
+    allowed = {"torch", "torch.distributed", "math", "dataclasses", "datetime", "typing", "warnings", "__future__"}
     assert {m for m in imported_modules(PACKAGE / "distributed" / "layout.py") if not m.startswith("torch.distributed")} <= allowed
     for path in (PACKAGE / "distributed").glob("*.py"):
         assert not any(m.startswith(("kvb_dist.run", "kvb_dist.decoders", "kvb_dist.data")) for m in imported_modules(path)), path

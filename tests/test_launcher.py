@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,3 +165,63 @@ def test_bad_config_is_a_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "train.optimizer='lbfgs' is not valid; choose from ['adam', 'sgd', 'adagrad']" in result.stderr
+
+
+def wait_for_training_checkpoint(process, out_dir: Path) -> None:
+    checkpoint = out_dir / "toy" / "checkpoints" / "train-class_incremental-kvb.pt"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not checkpoint.exists():
+        assert process.poll() is None, f"the run ended before training was checkpointed:\n{process.stderr.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no training checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+def test_one_run_per_folder_and_only_with_its_config(reference, tmp_path):
+    # A long iid stream after the class-incremental one keeps the first run busy while the second starts.
+    longer = ("train.settings=class_incremental,iid", "train.iid_steps=2000")
+    first = subprocess.Popen(command("python", tmp_path, *longer), cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training_checkpoint(first, tmp_path)
+        started = time.monotonic()
+        second = subprocess.run(command("torchrun", tmp_path), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        refused_after = time.monotonic() - started
+        assert first.poll() is None, "the first run should still be training"
+        _, first_stderr = first.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, first_stderr[-4000:]
+    assert second.returncode != 0 and refused_after < 60
+    assert second.stderr.count(f"run folder {tmp_path / 'toy'} is in use by another run (pid {first.pid}") == 2  # both ranks
+    assert_same_outcome(outcome(tmp_path), outcome(reference))  # the first run's results are intact
+
+    changed = subprocess.run(command("python", tmp_path, *longer, "train.lr=0.5"), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert changed.returncode != 0
+    assert "train.lr: 0.01 (saved) vs 0.5 (now)" in changed.stderr and "--redo train" in changed.stderr
+    launch("python", tmp_path, *longer, "run.checkpoint_every=7")  # changes no result: continues (here: finds all done)
+    assert_same_outcome(outcome(tmp_path), outcome(reference))
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_checkpoints_then_resumes_exactly(reference, tmp_path):
+    """SIGTERM to one rank: every rank stops after the same step with a checkpoint, exits 75."""
+    process = subprocess.Popen(command("torchrun", tmp_path), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training_checkpoint(process, tmp_path)
+        ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if ENTRY in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        ranks[-1].send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stderr.count("checkpoint written: run the same command to resume") == 2, stderr[-4000:]
+    assert "exitcode  : 75" in stderr
+    # The checkpoint is the one of the step where the ranks stopped.
+    setting, learner, task, step = re.search(r"stopped by signal 15 (\w+)/(\w+) task (\d+) step (\d+)", stderr).groups()
+    state = torch.load(tmp_path / "toy" / "checkpoints" / f"train-{setting}-{learner}.pt", weights_only=True)
+    assert (state["done"], state["task"], state["step"]) == (False, int(task), int(step))
+    result = launch("python", tmp_path)
+    assert "resumes at task" in result.stderr
+    assert_same_outcome(outcome(tmp_path), outcome(reference), atol=1e-5)

@@ -5,6 +5,7 @@ from kvb_dist.data.shards import (
     FEATURES,
     IMAGES,
     INDEX_NAME,
+    UNLABELLED,
     ShardIndex,
     ShardInfo,
     ShardWriter,
@@ -17,6 +18,7 @@ from kvb_dist.data.shards import (
     write_toy,
 )
 from kvb_dist.data.stream import (
+    BadShardTotals,
     Batch,
     NonFiniteFeatures,
     ShardStream,
@@ -30,8 +32,8 @@ from kvb_dist.data.stream import (
 )
 
 __all__ = [
-    "FEATURES", "IMAGES", "INDEX_NAME", "ShardIndex", "ShardInfo", "ShardWriter", "index_part_name",
+    "FEATURES", "IMAGES", "INDEX_NAME", "UNLABELLED", "ShardIndex", "ShardInfo", "ShardWriter", "index_part_name",
     "merge_index_parts", "write_arrays", "write_digits", "write_embeddings", "write_image_folder", "write_toy",
-    "Batch", "NonFiniteFeatures", "ShardStream", "StreamStats", "agreed_num_batches", "batches_per_rank",
-    "key_ids", "kmeans_from_stream", "lockstep", "read_shard",
+    "BadShardTotals", "Batch", "NonFiniteFeatures", "ShardStream", "StreamStats", "agreed_num_batches",
+    "batches_per_rank", "key_ids", "kmeans_from_stream", "lockstep", "read_shard",
 ]

@@ -42,7 +42,8 @@ def _verify(index: ShardIndex) -> int:
         except (ShardProblem, NonFiniteFeatures) as problem:
             bad += 1
             print(f"BAD {shard.name}: {problem}")
-    print(f"verified {index.num_shards} shards: {bad} bad")
+    empty = sum(1 for shard in index.shards if shard.num_samples == 0)  # valid, but worth knowing
+    print(f"verified {index.num_shards} shards: {bad} bad" + (f", {empty} empty" if empty else ""))
     return bad
 
 

@@ -33,6 +33,7 @@ import glob
 import io
 import json
 import logging
+import numbers
 import os
 import re
 from collections import Counter
@@ -50,6 +51,7 @@ KINDS = (FEATURES, IMAGES)
 FEATURE_FIELD = "x.npy"
 LABEL_FIELD = "cls"
 UNLABELLED = -1
+MAX_LABEL = 2**31 - 1  # labels are stored as text, but readers and collectives use int32 / int64
 DEFAULT_SAMPLES_PER_SHARD = 4096
 # Image file suffix -> WebDataset field name (what decoders key on).
 IMAGE_FIELDS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".gif": "gif", ".webp": "webp",
@@ -90,13 +92,56 @@ def _check_name(what: str, value: str) -> None:
         raise ValueError(f"{what} must contain only letters, digits, '_' and '-' (no dots), got {value!r}")
 
 
+def check_shard_name(name: Any, folder: str = "") -> None:
+    """An index names its shards by plain file names inside its folder, nothing else.
+
+    An index is data, possibly from elsewhere: a `pipe:` name would run a command, a URL would
+    fetch, an absolute or '..' name would open files outside the shard set. Readers that want
+    such sources pass urls to read_shard themselves.
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "not a non-empty string"
+    elif "/" in name or "\\" in name or name in (".", ".."):
+        problem = "a path, not a file name"
+    elif ":" in name:  # URL schemes, pipe:, drive letters
+        problem = "has a ':' (URL, pipe: or drive)"
+    elif "\0" in name:
+        problem = "has a NUL character"
+    if problem is not None:
+        raise ValueError(
+            f"shard name {name!r} in the index{' of ' + folder if folder else ''} is {problem}: indexes hold "
+            "plain file names of shards in the index's folder (no path separators, '..', absolute paths, "
+            "URLs or pipe: commands)"
+        )
+
+
+def check_label(label: Any, key: str) -> int:
+    """The label as an int: a whole number in [UNLABELLED, MAX_LABEL] (bools and 1.5 are refused)."""
+    if getattr(label, "ndim", None) == 0 and hasattr(label, "item"):  # 0-d numpy array / torch tensor
+        label = label.item()
+    value = None  # stays None for anything but a whole number
+    if isinstance(label, (bool, np.bool_)):
+        pass  # an int to Python, but a mask passed as labels is a mistake
+    elif isinstance(label, numbers.Integral):
+        value = int(label)
+    elif isinstance(label, numbers.Real) and float(label).is_integer():  # labels read from a float .npy
+        value = int(label)
+    if value is None or not UNLABELLED <= value <= MAX_LABEL:
+        raise ValueError(
+            f"sample {key} has label {label!r}: labels must be integers in [{UNLABELLED}, {MAX_LABEL}] "
+            f"({UNLABELLED} = unlabelled)"
+        )
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # The index
 
 
 @dataclass
 class ShardInfo:
-    name: str  # file name relative to the index's folder (or an absolute path / URL)
+    name: str  # plain file name in the index's folder (check_shard_name)
     num_samples: int
     class_counts: Dict[int, int]  # label -> samples with that label in this shard
 
@@ -138,9 +183,19 @@ class ShardIndex:
         return [self.url_of(s) for s in self.shards]
 
     def url_of(self, shard: ShardInfo) -> str:
-        if "://" in shard.name or shard.name.startswith("pipe:") or os.path.isabs(shard.name):
-            return shard.name
-        return os.path.join(self.root, shard.name)
+        check_shard_name(shard.name, self.root)  # also for indexes built in code, not loaded
+        # "./" for an index without a root: a bare "-" would be stdin to webdataset's gopen.
+        return os.path.join(self.root or ".", shard.name)
+
+    def check_shards(self) -> None:
+        """ValueError for a shard name that is not a plain file name, or a shard listed twice
+        (its samples would be delivered twice in every epoch)."""
+        seen = set()
+        for shard in self.shards:
+            check_shard_name(shard.name, self.root)
+            if shard.name in seen:
+                raise ValueError(f"shard {shard.name!r} is listed twice in the index of {self.root or 'a shard set'}")
+            seen.add(shard.name)
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -168,7 +223,7 @@ class ShardIndex:
             ShardInfo(s["name"], int(s["num_samples"]), {int(k): int(v) for k, v in s["class_counts"].items()})
             for s in data["shards"]
         ]
-        return cls(
+        index = cls(
             kind=data["kind"],
             shards=shards,
             feature_shape=data.get("feature_shape"),
@@ -177,14 +232,22 @@ class ShardIndex:
             metadata=data.get("metadata") or {},
             root=root,
         )
+        index.check_shards()
+        return index
 
     def save(self, folder: Optional[str] = None, name: str = INDEX_NAME) -> str:
+        self.check_shards()  # never write an index that loading would refuse
         folder = self.root if folder is None else folder
         path = os.path.join(folder, name)
         temporary = path + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            os.replace(temporary, path)
+        except BaseException:  # a full disk or an interrupt: no partial file left behind
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
         return path
 
     @classmethod
@@ -328,16 +391,18 @@ class ShardWriter:
         """Writes one sample; returns its key. Features for kind="features", image bytes otherwise."""
         if self._closed:
             raise ValueError("the writer is closed")
-        if key is None:
+        given_key = key is not None
+        if not given_key:
             key = sample_key(self.key_prefix, self._num_written)
         elif not isinstance(key, str) or not key or "." in key or "/" in key:
             raise ValueError(f"sample keys must be non-empty strings without '.' or '/', got {key!r}")
         elif key in self._given_keys:
             # Readers derive per-sample random numbers from keys: they must be unique in the set.
             raise ValueError(f"duplicate sample key {key!r}")
-        else:
+        label = check_label(label, key)
+        if given_key:
             self._given_keys.add(key)
-        sample = {"__key__": key, LABEL_FIELD: str(int(label)).encode()}
+        sample = {"__key__": key, LABEL_FIELD: str(label).encode()}
         if self.kind == FEATURES:
             if features is None:
                 raise ValueError("a features shard set needs features for every sample")
@@ -361,7 +426,7 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
         self._tar.write(sample)
-        self._shard_counts[int(label)] += 1
+        self._shard_counts[label] += 1
         self._shard_samples += 1
         self._num_written += 1
         if self._shard_samples >= self.samples_per_shard:
@@ -376,7 +441,8 @@ class ShardWriter:
         if labels.shape[0] != num or (keys is not None and len(keys) != num):
             raise ValueError(f"features ({num}), labels ({labels.shape[0]}) and keys must have the same length")
         for i in range(num):
-            self.write(int(labels[i]), features=features[i], key=None if keys is None else keys[i])
+            # labels[i] unconverted: write checks it (int() would turn 1.5 into 1 and True into 1).
+            self.write(labels[i], features=features[i], key=None if keys is None else keys[i])
 
     def close(self) -> ShardIndex:
         """Finishes the last shard and writes the index; returns it."""

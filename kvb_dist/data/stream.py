@@ -20,8 +20,12 @@ corruption ends the epoch on every rank at once instead of hanging the others.
 
 Faults. Each shard is read whole and checked against the index (sample count, labels, feature
 shape, dtype) before any of its samples is used, so a corrupt or truncated shard is skipped
-entirely, logged once and counted in `stream.stats`; more than `max_bad_fraction` of the shards
-bad raises. NaN or infinite features raise with the shard and key they came from (or skip the
+entirely, logged once and counted in `stream.stats` (shards, and their samples from the index);
+more than `max_bad_fraction` of the shards bad raises. On several ranks the limit is applied
+by `stream.check_bad_shards(all_reduce_sum)` (call it after each epoch, where all ranks are in
+step): it counts over all ranks and raises on every rank. A rank never raises over the limit
+alone, since the others would wait for it in their next collective. An empty shard (a tar without members, 0 samples in the index)
+is read as empty, not as bad. NaN or infinite features raise with the shard and key they came from (or skip the
 shard, `nonfinite="skip_shard"`).
 
 Do not pass a ShardStream (or its DataLoader) through accelerator.prepare: it splits the data
@@ -288,6 +292,10 @@ def read_shard(url: str, info: ShardInfo, index: ShardIndex, nonfinite: str = "e
     found = dict(zip(*np.unique(labels, return_counts=True)))
     if {int(k): int(v) for k, v in found.items()} != info.class_counts:
         raise ShardProblem("labels differ from the index's class histogram")
+    if not samples:  # an empty shard (a tar with no members) is valid: it has nothing to check or decode
+        if index.kind != FEATURES:
+            return ShardData(url, [], labels, None, [])
+        return ShardData(url, [], labels, np.zeros((0, *(index.feature_shape or [])), dtype=np.float32), None)
 
     if index.kind != FEATURES:
         images = []
@@ -488,10 +496,19 @@ class StreamStats:
     shards_read: int = 0  # successful shard reads (a shard read in two epochs counts twice)
     samples_read: int = 0  # samples of those shards, before class filtering
     bad_shards: Dict[str, str] = field(default_factory=dict)  # url -> problem, each bad shard once
+    samples_skipped: int = 0  # samples the index gives the bad shards, each bad shard once, before class filtering
 
     @property
     def shards_skipped(self) -> int:
         return len(self.bad_shards)
+
+
+@dataclass(frozen=True)
+class BadShardTotals:
+    """Bad shards over all ranks (each counted once) and the samples the index gives them."""
+
+    shards: int
+    samples: int  # before class filtering, like StreamStats.samples_read
 
 
 class ShardStream:
@@ -541,6 +558,8 @@ class ShardStream:
         self.shards = selected_shards(self.index, None if classes is None else sorted(self.classes))
         if not self.shards:
             raise ValueError(f"no shard in {self.index.root} holds a sample of classes {sorted(self.classes or [])}")
+        self.index.check_shards()  # an index built in code, not loaded: a duplicate would be read twice
+        self._shard_of_url = {self.index.url_of(s): s for s in self.shards}
         if not resampled:
             check_enough_shards(len(self.shards), world_size, num_workers)
         self.batch_size = batch_size
@@ -558,14 +577,13 @@ class ShardStream:
     def _pipeline(self):
         import webdataset as wds
 
-        urls = [self.index.url_of(s) for s in self.shards]
-        infos = dict(zip(urls, self.shards))
+        urls, infos = list(self._shard_of_url), self._shard_of_url
         stages = [_ShardList(urls, self.seed, self.epoch, self.shuffle_shards, self.resampled, self.rank)]
         if not self.resampled:  # resampled readers each draw their own shards: nothing to split
             stages += [partial(_split_by_rank, rank=self.rank, world_size=self.world_size), _split_by_worker]
         stages += [
             partial(_load_shards, infos=infos, index=self.index, nonfinite=self.nonfinite,
-                    max_bad_fraction=self.max_bad_fraction),
+                    max_bad_fraction=self.max_bad_fraction if self.world_size == 1 else 1.0),
             partial(_filter_classes, classes=self.classes),
             partial(_shuffle, buffer_size=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank),
             partial(_batched, batch_size=self.batch_size, drop_last=self.drop_last, kind=self.index.kind,
@@ -580,9 +598,10 @@ class ShardStream:
             return
         if report.url not in self.stats.bad_shards:
             self.stats.bad_shards[report.url] = report.problem
+            self.stats.samples_skipped += self._shard_of_url[report.url].num_samples
             logger.warning("skipping shard %s: %s (%d skipped so far)", report.url, report.problem,
                            self.stats.shards_skipped)
-        if self.stats.shards_skipped > self.max_bad_fraction * len(self.shards):
+        if self.world_size == 1 and self.stats.shards_skipped > self.max_bad_fraction * len(self.shards):
             raise _bad_shard_error(self.stats.bad_shards, len(self.shards), self.max_bad_fraction)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -609,24 +628,28 @@ class ShardStream:
         """A re-iterable view (x, ids) per batch: what streaming_kmeans reads, one pass per iter()."""
         return FeaturesAndIds(self)
 
-    def check_bad_shards(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> int:
-        """Bad shards over all ranks (each counted once); raises on every rank if over the limit.
+    def check_bad_shards(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> BadShardTotals:
+        """Bad shards over all ranks (each counted once) and their samples; raises on every rank if
+        over the limit. One all-reduce (of a flag per shard).
 
         Call it where all ranks are in step (e.g. after an epoch): the per-rank check can only see
         its own shards, this one sees the whole set.
         """
-        position = {self.index.url_of(s): i for i, s in enumerate(self.shards)}
+        position = {url: i for i, url in enumerate(self._shard_of_url)}
         flags = torch.zeros(len(self.shards), dtype=torch.float64)
         for url in self.stats.bad_shards:
             flags[position[url]] = 1.0
-        bad = all_reduce_sum(flags) > 0
-        num_bad = int(bad.sum())
-        if num_bad > self.max_bad_fraction * len(self.shards):
+        bad = (all_reduce_sum(flags) > 0).tolist()
+        # Every rank has the same index, so the samples follow from the flags without a second reduce.
+        totals = BadShardTotals(
+            shards=sum(bad), samples=sum(s.num_samples for s, is_bad in zip(self.shards, bad) if is_bad)
+        )
+        if totals.shards > self.max_bad_fraction * len(self.shards):
             raise ValueError(
-                f"{num_bad} of {len(self.shards)} shards are unreadable over all ranks, more than "
-                f"max_bad_fraction={self.max_bad_fraction} (this rank's: {self.stats.bad_shards})"
+                f"{totals.shards} of {len(self.shards)} shards ({totals.samples} samples) are unreadable over all "
+                f"ranks, more than max_bad_fraction={self.max_bad_fraction} (this rank's: {self.stats.bad_shards})"
             )
-        return num_bad
+        return totals
 
 
 class FeaturesAndIds:

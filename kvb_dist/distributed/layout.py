@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,15 @@ def shard_ranges(num_items: int, num_shards: int) -> List[Tuple[int, int]]:
         ranges.append((start, start + size))
         start += size
     return ranges
+
+
+def default_group_timeout() -> Optional[timedelta]:
+    """The default process group's timeout, for groups made here: a new group otherwise gets
+    torch's 30-minute default, and a stuck collective in it would outlive the launcher's timeout."""
+    try:  # torch has no public accessor
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except Exception:
+        return None
 
 
 def _all_to_all(send: torch.Tensor, recv_splits: List[int], send_splits: List[int], group) -> torch.Tensor:
@@ -124,7 +134,7 @@ class ParallelLayout:
         if world_size == dist.get_world_size():
             world_group = dist.group.WORLD
         else:  # a slice of a larger mesh: only its members create the group
-            world_group = dist.new_group(ranks, use_local_synchronization=True)
+            world_group = dist.new_group(ranks, timeout=default_group_timeout(), use_local_synchronization=True)
         return cls(
             world_size=world_size,
             rank=ranks.index(dist.get_rank()),
@@ -226,6 +236,39 @@ class ParallelLayout:
         if self.world_group is not None:
             dist.broadcast(tensor, group=self.world_group, group_src=src)
         return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        """A picklable object from the rank at mesh position src, on every rank: one rank decides, all agree."""
+        if self.world_group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.world_group, group_src=src)
+        return box[0]
+
+    def decided_on_rank0(self, decide: Callable[[], Any]) -> Any:
+        """decide() run at mesh position 0; its result, or the exception it raised, on every rank.
+
+        For decisions that read files (is this done? which shards are there?): ranks that each
+        read on their own can disagree while files change, and then wait in different collectives.
+        """
+        outcome = None
+        if self.rank == 0:
+            try:
+                outcome = (True, decide())
+            except Exception as error:  # raised on every rank below, not here alone
+                outcome = (False, error)
+        ok, value = self.broadcast_object(outcome)
+        if not ok:
+            raise value
+        return value
+
+    def new_cpu_group(self) -> Optional[dist.ProcessGroup]:
+        """A gloo group of this layout's ranks with the default group's timeout (None for a world
+        of one), e.g. for collectives of a background thread. Collective over the layout's ranks."""
+        if self.world_group is None:
+            return None
+        ranks = self.mesh.mesh.flatten().tolist()
+        return dist.new_group(ranks, backend="gloo", timeout=default_group_timeout(), use_local_synchronization=True)
 
     def barrier(self) -> None:
         if self.world_group is not None:

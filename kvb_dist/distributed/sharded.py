@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kvb_dist.core import BottleneckOutput, KeyValueBottleneck, _arrange
+from kvb_dist.core import BottleneckOutput, KeyValueBottleneck, _arrange, autocast_off
 from kvb_dist.distributed.layout import ParallelLayout, shard_sizes
 
-# Arguments every rank must agree on, in the order they are compared.
+# Arguments every rank must agree on at construction, in the order they are compared.
 _AGREED = (
     "num_codebooks",
     "key_value_pairs_per_codebook",
@@ -35,6 +35,42 @@ _AGREED = (
     "topk",
     "sparse_values",
 )
+# Switches that decide which collectives a call runs, their sizes, or what the holders of a
+# codebook compute: checked at every call, in the call's first exchange.
+_SWITCHES = ("return_values_only", "topk", "update_keys", "count_cluster_size", "sample_codebook_temperature",
+             "threshold_ema_dead_code", "decay", "eps", "sparse_values")
+_CALLS = ("forward", "owned_indices", "values_at", "values_at_rows")
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _as_number(value) -> float:
+    return float(sum(map(ord, value))) if isinstance(value, str) else float(value)
+
+
+def _row(entries: Dict[str, float]) -> torch.Tensor:
+    return torch.tensor([float(v) for v in entries.values()], dtype=torch.float64)
+
+
+def _raise_if_ranks_differ(table: torch.Tensor, names: List[str], what: str) -> None:
+    """table [ranks, names]: raises naming every entry where a rank differs from rank 0. Every
+    rank holds the same gathered table, so every rank raises the same error."""
+    def shown(name, value):
+        if name == "call":
+            return _CALLS[int(value)]
+        if name == "input device type":
+            return _DEVICE_TYPES[int(value)] if value >= 0 else "other"
+        return f"{float(value):g}"
+
+    differing = [
+        f"{name} (rank {r}: {shown(name, table[r, i])} vs rank 0: {shown(name, table[0, i])})"
+        for i, name in enumerate(names)
+        for r in range(table.shape[0])
+        if table[r, i] != table[0, i]
+    ]
+    if differing:
+        raise ValueError(f"ranks disagree on {what}: " + "; ".join(differing))
 
 
 class ShardedKeyValueBottleneck(KeyValueBottleneck):
@@ -58,19 +94,8 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         super()._register_state(seed, first_codebook=start, num_local_codebooks=stop - start)
 
     def _check_agreement(self) -> None:
-        def as_number(value):
-            return float(value) if not isinstance(value, str) else float(sum(map(ord, value)))
-
-        mine = torch.tensor([as_number(getattr(self, name)) for name in _AGREED], dtype=torch.float64)
-        everyone = self.layout.all_gather_world(mine)
-        differing = [
-            f"{name} (rank {r}: {float(everyone[r, i])} vs rank 0: {float(everyone[0, i])})"
-            for i, name in enumerate(_AGREED)
-            for r in range(everyone.shape[0])
-            if everyone[r, i] != everyone[0, i]
-        ]
-        if differing:  # every rank sees the same gathered table, so every rank raises
-            raise ValueError("ranks disagree on the bottleneck configuration: " + "; ".join(differing))
+        entries = {name: _as_number(getattr(self, name)) for name in _AGREED}
+        _raise_if_ranks_differ(self.layout.all_gather_world(_row(entries)), list(entries), "the bottleneck configuration")
 
     def _sum_value_grad_over_replicas(self, grad: torch.Tensor) -> torch.Tensor:
         # The all-to-all backward already summed the grads of my shard group's samples, each the
@@ -83,26 +108,37 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
 
     # ------------------------------------------------------------------------------------------
 
-    def _agree_on_input(self, problem: Optional[str], local_queries: int) -> List[int]:
-        """Every rank's query count; raises on every rank if any rank's input is invalid.
+    def _agree_on_call(self, call: str, problem: Optional[str], local_queries: int, device: torch.device) -> List[int]:
+        """Every rank's query count, from one small all-gather that also checks, before any other
+        collective, that no rank's input is invalid and that every rank makes the same call with
+        the same switches on the same device type; otherwise the same ValueError on every rank.
 
-        A rank that raised alone would leave the others waiting in the all-to-all.
+        A rank that raised alone, or ran other collectives than its peers, would leave them
+        waiting (or exchanging mismatched data) until the timeout.
         """
-        status = self.layout.all_gather_world(torch.tensor([local_queries, int(problem is not None)]))
-        bad_ranks = [r for r in range(status.shape[0]) if status[r, 1]]
+        entries = {
+            "call": float(_CALLS.index(call)),
+            "input device type": float(_DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else -1),
+            "initted (k-means done)": float(self.initted.item()),
+            **{name: _as_number(getattr(self, name)) for name in _SWITCHES},
+        }
+        table = self.layout.all_gather_world(_row({"queries": 0 if problem else local_queries, "invalid": problem is not None, **entries}))
+        bad_ranks = [r for r in range(table.shape[0]) if table[r, 1]]
         if bad_ranks:
             raise ValueError(f"invalid bottleneck input on rank(s) {bad_ranks}" + (f": {problem}" if problem else ""))
-        return [int(n) for n in status[:, 0]]
+        _raise_if_ranks_differ(table[:, 2:], list(entries), "the bottleneck call (a switch set on some ranks only?)")
+        return [int(n) for n in table[:, 0]]
 
     def _values_to_requesters(self, owned_indices_cit: torch.Tensor, peer_queries: List[int]) -> torch.Tensor:
         """Values of the owned lookups, sent back to the ranks whose samples asked: [C, i, t, v]."""
         owned_values = self.fetch_values(self._flat_indices(owned_indices_cit))
         return self.layout.route_back(owned_values, self.num_codebooks, peer_queries)
 
-    def _owners_lookup(self, x: torch.Tensor, with_details: bool):
+    def _owners_lookup(self, x: torch.Tensor, call: str, with_details: bool):
         """x routed to the codebooks' owners, looked up (and learned from) there: (lookup, routed, batch, spatial)."""
         problem = self.input_problem(x)
-        queries_per_rank = self._agree_on_input(problem, 0 if problem else x.shape[0] * math.prod(x.shape[2:-1]))
+        queries = 0 if problem else x.shape[0] * math.prod(x.shape[2:-1])
+        queries_per_rank = self._agree_on_call(call, problem, queries, x.device if problem is None else torch.device("cpu"))
         queries_cik, batch, spatial = self._queries_from_input(x)
         routed = self.layout.route_to_owners(queries_cik, queries_per_rank)
         lookup = self._lookup_and_learn(
@@ -115,8 +151,8 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         return lookup, routed, batch, spatial
 
     def forward(self, x: torch.Tensor):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            lookup, routed, batch, spatial = self._owners_lookup(x, with_details=not self.return_values_only)
+        with autocast_off(x):
+            lookup, routed, batch, spatial = self._owners_lookup(x, "forward", with_details=not self.return_values_only)
             values = _arrange(self._values_to_requesters(lookup.indices, routed.peer_queries), batch, spatial)
             if self.return_values_only:
                 return (values,)
@@ -131,7 +167,8 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
 
     def values_at(self, indices: torch.Tensor) -> torch.Tensor:
         problem = self.indices_problem(indices)
-        queries_per_rank = self._agree_on_input(problem, 0 if problem else indices.numel() // self.num_codebooks)
+        queries = 0 if problem else indices.numel() // self.num_codebooks
+        queries_per_rank = self._agree_on_call("values_at", problem, queries, indices.device if problem is None else torch.device("cpu"))
         batch, num_codebooks, *rest = indices.shape
         # Every (sample, t, position) is one query fetching one pair: [C, i, 1].
         routed = self.layout.route_to_owners(indices.movedim(1, 0).reshape(num_codebooks, -1, 1), queries_per_rank)
@@ -151,8 +188,8 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         trainer can keep, for the codebooks a rank owns, every sample's indices (1/S of them per
         rank) and train with `values_at_rows`. Collective.
         """
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._owners_lookup(x, with_details=False)[0].indices
+        with autocast_off(x):
+            return self._owners_lookup(x, "owned_indices", with_details=False)[0].indices
 
     def values_at_rows(self, owned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Values [b, C, t, v] of my samples `rows` [b], where owned [N, C_mine, t] holds the pairs
@@ -161,9 +198,16 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         Only row ids travel to the owners, not indices; usage is counted as in a frozen
         forward. Collective: every rank of the shard group calls it.
         """
-        if owned.ndim != 3 or owned.shape[1] != self.values.shape[0]:
-            raise ValueError(f"owned must be [samples, codebooks held here={self.values.shape[0]}, t], got {tuple(owned.shape)}")
-        (peer_rows,), peer_sizes = self.layout.gather_rows(rows.reshape(-1), over="shard")
+        problem = None
+        if not isinstance(owned, torch.Tensor) or owned.ndim != 3 or owned.shape[1] != self.values.shape[0]:
+            problem = f"owned must be [samples, codebooks held here={self.values.shape[0]}, t], got {getattr(owned, 'shape', owned)}"
+        elif not isinstance(rows, torch.Tensor) or rows.ndim != 1 or rows.dtype != torch.int64:
+            problem = f"rows must be an int64 tensor [b], got {getattr(rows, 'dtype', type(rows).__name__)} {getattr(rows, 'shape', '')}"
+        elif rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= owned.shape[0]):
+            problem = f"rows must be in [0, {owned.shape[0]}) (the samples in owned)"
+        queries_per_rank = self._agree_on_call("values_at_rows", problem, 0 if problem else rows.numel(), owned.device if problem is None else torch.device("cpu"))
+        peer_sizes = self.layout.shard_peers(queries_per_rank)
+        peer_rows = self.layout.all_gather_rows(rows, peer_sizes, over="shard")
         indices = owned[peer_rows.to(owned.device)].long().movedim(1, 0)  # [C_mine, I, t]
         if self.count_cluster_size:
             self._count_usage_(indices)

@@ -33,11 +33,12 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _rank_main(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, results, threads: int) -> None:
+def _rank_main(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, results, threads: int,
+               process_group_timeout: timedelta) -> None:
     torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=process_group_timeout
     )
     try:
         results.put((rank, True, _to_bytes(fn(rank, world_size, *args))))
@@ -48,7 +49,10 @@ def _rank_main(rank: int, world_size: int, init_file: str, fn: Callable, args: t
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 90.0, threads: int = 1) -> List[Any]:
+def run_ranks(
+    world_size: int, fn: Callable, *args: Any, timeout: float = 90.0, threads: int = 1,
+    process_group_timeout: timedelta = PROCESS_GROUP_TIMEOUT,
+) -> List[Any]:
     """fn(rank, world_size, *args) on every rank; returns the results in rank order.
 
     fn must be importable (a module-level function) and its result picklable.
@@ -58,7 +62,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 90.0, 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "pg_init")
         processes = [
-            context.Process(target=_rank_main, args=(r, world_size, init_file, fn, args, results, threads), daemon=True)
+            context.Process(target=_rank_main, args=(r, world_size, init_file, fn, args, results, threads, process_group_timeout), daemon=True)
             for r in range(world_size)
         ]
         for p in processes:

@@ -29,11 +29,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(path: str | Path) -> Optional[Any]:
@@ -63,7 +67,8 @@ class CheckpointSeries:
         self.folder, self.name, self.layout, self.background = Path(folder), name, layout, background
         self._background_group: Optional[dist.ProcessGroup] = None
         self.record_path = record_path(self.folder, name)
-        self.record = load(self.record_path)
+        # Rank 0 reads, everyone gets its answer: ranks never disagree on what is done.
+        self.record = layout.decided_on_rank0(lambda: load(self.record_path))
         self._pending: Optional[tuple] = None  # (future, record) of a background save
         if layout.rank == 0:
             self._remove_unrecorded_folders()
@@ -86,8 +91,8 @@ class CheckpointSeries:
             sharded.save(tensors, target, self.layout)
             self._finish(record)
             return
-        if self._background_group is None and self.layout.world_group is not None:
-            self._background_group = dist.new_group(backend="gloo")  # collective: every rank saves together
+        if self._background_group is None:
+            self._background_group = self.layout.new_cpu_group()  # collective: every rank saves together
         self._pending = (sharded.save_async(tensors, target, self.layout, self._background_group), record)
 
     def wait(self) -> None:

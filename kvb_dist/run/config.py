@@ -2,17 +2,20 @@
 
     config = load_config("configs/digits.yaml", ["train.lr=0.1", "run.name=try2"])
 
-Unknown sections or keys and values of the wrong type or outside their choices raise a
-ValueError that lists what is valid. World size is not configured here: it belongs to the
-launcher (torchrun / accelerate launch); only the number of shards per replica is.
+Unknown sections or keys, values of the wrong type, outside their choices or ranges, and
+impossible combinations raise a ValueError at load time that names the key and lists what is
+valid. World size is not configured here: it belongs to the launcher (torchrun / accelerate
+launch), which passes it to `load_config(..., world_size=...)` for the checks that need it;
+only the number of shards per replica is configured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -20,9 +23,9 @@ import yaml
 
 @dataclass
 class RunSection:
-    name: str = "digits"
+    name: str = "digits"  # a relative path inside out_dir: "exp/a" is fine, "..", "/x" are not
     out_dir: str = "runs"  # the run folder is out_dir/name
-    seed: int = 0
+    seed: int = 0  # 0 <= seed < 2**63
     checkpoint_every: int = 50  # training steps between checkpoints (and after every phase)
     async_checkpoints: bool = True  # mid-task checkpoints are written in the background
     tracker: str = "wandb"  # wandb | none
@@ -131,7 +134,17 @@ POSITIVE = {
     "data.toy_samples_per_class", "encoder.batch_size", "bottleneck.num_codebooks",
     "bottleneck.key_value_pairs_per_codebook", "bottleneck.dim_keys", "bottleneck.dim_values", "bottleneck.topk",
     "init.batch_size", "train.batch_size", "train.mlp_hidden", "run.checkpoint_every",
+    "train.steps_per_task", "train.iid_steps",
 }
+NON_NEGATIVE = {
+    "run.threads", "init.kmeans_iters", "init.ema_epochs", "bottleneck.threshold_ema_dead_code",
+    "train.grad_clip", "parallel.num_shards",
+}
+POSITIVE_FLOAT = {"train.lr", "train.baseline_lr", "bottleneck.eps"}
+# Seeds reach torch.manual_seed, numpy's default_rng (no negative seeds) and int64 counter hashes.
+SEED_LIMIT = 2**63
+# Classes per data set, for num_tasks x classes_per_task (toy: kvb_dist.toy.NUM_CLASSES).
+DATASET_CLASSES = {"digits": 10, "cifar10": 10}
 
 
 def _sections() -> Dict[str, type]:
@@ -179,18 +192,80 @@ def _set(config: Config, path: str, value: Any, from_text: bool) -> None:
     setattr(getattr(config, section_name), key, _coerce(path, value, types[key], from_text))
 
 
-def validate(config: Config) -> Config:
-    """Choices, ranges and cross-field rules; raises ValueError naming the key."""
+def _get(config: Config, path: str) -> Any:
+    section, key = path.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _dataset_classes(dataset: str) -> int:
+    if dataset == "toy":  # imported here: kvb_dist.toy pulls in the model code
+        from kvb_dist.toy import NUM_CLASSES
+
+        return NUM_CLASSES
+    return DATASET_CLASSES[dataset]
+
+
+def _run_name_problem(name: str) -> Optional[str]:
+    """Why out_dir/name would not be a folder strictly inside out_dir, or None."""
+    parts = PurePath(name).parts
+    if not parts:  # "" and "." are out_dir itself
+        return "names run.out_dir itself"
+    if PurePath(name).anchor:  # "/x" (or a drive): out_dir / name would drop out_dir
+        return "is an absolute path"
+    if ".." in parts:
+        return "has a '..' part"
+    return None
+
+
+def _check_world_size(config: Config, world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    batch = config.train.batch_size
+    if batch % world_size:
+        lower = batch - batch % world_size
+        nearest = [n for n in (lower, lower + world_size) if n >= 1]
+        raise ValueError(
+            f"train.batch_size={batch} must be divisible by the world size {world_size} (it is split evenly "
+            f"over ranks); valid batch sizes are multiples of {world_size}, e.g. {' or '.join(map(str, nearest))}"
+        )
+    # EMA key fitting takes init.batch_size // world_size samples per rank (at least 1): a smaller
+    # global batch than ranks would silently become a batch of world_size.
+    if "ema" in config.init.method and config.init.batch_size < world_size:
+        raise ValueError(
+            f"init.batch_size={config.init.batch_size} must be >= the world size {world_size} for "
+            f"init.method={config.init.method!r}; valid: any init.batch_size >= {world_size}"
+        )
+
+
+def validate(config: Config, world_size: Optional[int] = None) -> Config:
+    """Choices, ranges and cross-field rules; raises ValueError naming the key.
+
+    world_size (from the launcher), when given, adds the checks that depend on it.
+    """
     for path, choices in CHOICES.items():
-        section, key = path.split(".")
-        value = getattr(getattr(config, section), key)
-        for item in value if isinstance(value, list) else [value]:
+        value = _get(config, path)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
             if item not in choices:
                 raise ValueError(f"{path}={item!r} is not valid; choose from {list(choices)}")
-    for path in POSITIVE:
-        section, key = path.split(".")
-        if getattr(getattr(config, section), key) < 1:
-            raise ValueError(f"{path} must be >= 1, got {getattr(getattr(config, section), key)}")
+        repeated = sorted({item for item in items if items.count(item) > 1})
+        if repeated:
+            raise ValueError(f"{path} lists {repeated} more than once; list each of {list(choices)} at most once")
+    # No float setting has a meaning at NaN or infinity (an infinite lr trains every learner to chance).
+    for section_name, section_cls in _sections().items():
+        for key, kind in _field_types(section_cls).items():
+            value = getattr(getattr(config, section_name), key)
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{section_name}.{key} must be a finite number, got {value}")
+    for path in sorted(POSITIVE):
+        if _get(config, path) < 1:
+            raise ValueError(f"{path} must be >= 1, got {_get(config, path)}")
+    for path in sorted(POSITIVE_FLOAT):
+        if not _get(config, path) > 0:
+            raise ValueError(f"{path} must be > 0, got {_get(config, path)}")
+    for path in sorted(NON_NEGATIVE):
+        if _get(config, path) < 0:
+            raise ValueError(f"{path} must be >= 0, got {_get(config, path)}")
     b = config.bottleneck
     if b.topk > b.key_value_pairs_per_codebook:
         raise ValueError(f"bottleneck.topk={b.topk} exceeds bottleneck.key_value_pairs_per_codebook")
@@ -198,15 +273,42 @@ def validate(config: Config) -> Config:
         raise ValueError(f"bottleneck.decay must be in [0, 1], got {b.decay}")
     if not 0.0 < config.data.test_fraction < 1.0:
         raise ValueError(f"data.test_fraction must be in (0, 1), got {config.data.test_fraction}")
-    if config.parallel.num_shards < 0:
-        raise ValueError(f"parallel.num_shards must be >= 0, got {config.parallel.num_shards}")
+    if not 0.0 <= config.train.label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
+    if not 0 <= config.run.seed < SEED_LIMIT:
+        raise ValueError(
+            f"run.seed must be in [0, 2**63) (it seeds torch, numpy's default_rng and int64 counter hashes), "
+            f"got {config.run.seed}"
+        )
+    problem = _run_name_problem(config.run.name)
+    if problem:
+        raise ValueError(
+            f"run.name={config.run.name!r} {problem}; it must be a relative path that stays inside "
+            f"run.out_dir, such as 'digits' or 'exp/a' (no '..' parts)"
+        )
     if not config.train.settings or not config.train.learners:
         raise ValueError("train.settings and train.learners must not be empty")
+    data = config.data
+    available = _dataset_classes(data.dataset)
+    if data.num_tasks * data.classes_per_task > available:
+        raise ValueError(
+            f"data.num_tasks x data.classes_per_task = {data.num_tasks} x {data.classes_per_task} = "
+            f"{data.num_tasks * data.classes_per_task} exceeds the {available} classes of "
+            f"data.dataset={data.dataset!r}; valid: num_tasks x classes_per_task <= {available}"
+        )
+    if world_size is not None:
+        _check_world_size(config, world_size)
     return config
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file's sections, then `section.key=value` overrides."""
+def load_config(
+    path: Optional[str | Path] = None, overrides: Sequence[str] = (), world_size: Optional[int] = None
+) -> Config:
+    """Defaults, then the YAML file's sections, then `section.key=value` overrides, validated.
+
+    world_size: the launcher's number of processes; when given, train.batch_size (and, for EMA
+    key fitting, init.batch_size) are checked against it too.
+    """
     config = Config()
     if path is not None:
         path = Path(path)
@@ -225,4 +327,4 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not sep or "." not in dotted:
             raise ValueError(f"override {override!r} must look like section.key=value")
         _set(config, dotted.strip(), value.strip(), from_text=True)
-    return validate(config)
+    return validate(config, world_size)

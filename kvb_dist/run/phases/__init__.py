@@ -6,13 +6,14 @@
     evaluate    accuracy matrices -> average accuracy, forgetting, key usage, plots, table
 
 Every phase skips the work it finds done in the run folder, so a crashed run resumes by
-running the same command again.
+running the same command again. A SIGTERM (ctx.stop) stops training after the current step,
+other phases at their end, with a checkpoint: `Preempted` is raised on every rank.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -20,6 +21,7 @@ import torch
 
 from kvb_dist.run.config import Config
 from kvb_dist.distributed.layout import ParallelLayout
+from kvb_dist.run.stop import Preempted, StopRequest
 from kvb_dist.run.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class RunContext:
     layout: ParallelLayout
     tracker: Tracker
     device: torch.device
+    stop: StopRequest = field(default_factory=StopRequest)  # install() it to stop on SIGTERM
 
     @property
     def run_dir(self) -> Path:
@@ -67,4 +70,6 @@ def run_phases(ctx: RunContext, phases: Sequence[str] = PHASES) -> Dict:
         else:
             summary = evaluate.run(ctx)
         ctx.layout.barrier()
+        if ctx.stop.agreed(ctx.layout):
+            raise Preempted(f"after the {phase} phase")
     return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from kvb_dist.run import checkpoint
-from kvb_dist.run.phases import train
+from kvb_dist.run.builders import stream_name
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def run(ctx) -> Dict:
     plots = ctx.path("plots")
     for learner in config.train.learners:
         for setting in config.train.settings:
-            saved = checkpoint.load(checkpoint.record_path(ctx.path("checkpoints"), train.stream_name(setting, learner)))
+            path = checkpoint.record_path(ctx.path("checkpoints"), stream_name(setting, learner))
+            saved = ctx.layout.decided_on_rank0(lambda: checkpoint.load(path))
             if saved is None or not saved["done"]:
                 raise ValueError(f"no finished training for {setting} / {learner}: run the train phase first")
             record = saved["record"]
@@ -106,7 +107,9 @@ def run(ctx) -> Dict:
                     images[f"plots/key_usage_{setting}"] = plot_key_usage(
                         record["key_usage"], plots / f"key_usage_{setting}.png", f"kvb ({setting})"
                     )
-    summary = {"results": results, "table": format_table(results), "plots": str(plots)}
+    init_record = ctx.layout.decided_on_rank0(lambda: checkpoint.load(checkpoint.record_path(ctx.path("checkpoints"), "initialize")))
+    skipped = {"init": (init_record or {}).get("samples_skipped", 0), **record.get("samples_skipped", {})}
+    summary = {"results": results, "table": format_table(results), "plots": str(plots), "samples_skipped": skipped}
     if ctx.is_main:
         ctx.path("results.json").write_text(json.dumps(summary, indent=2))
         flat = {

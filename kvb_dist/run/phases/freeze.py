@@ -17,14 +17,11 @@ from torch import nn
 
 from kvb_dist.data.shards import INDEX_NAME, index_part_name, merge_index_parts, write_embeddings
 from kvb_dist.distributed.layout import shard_ranges
+from kvb_dist.run.builders import embeddings_dir
 
 logger = logging.getLogger(__name__)
 
 Split = Tuple[np.ndarray, np.ndarray]  # inputs [n, ...] float32, labels [n] int64
-
-
-def embeddings_dir(ctx, split: str):
-    return ctx.path("embeddings", split)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -122,7 +119,8 @@ def _frozen(network: nn.Module) -> nn.Module:
 def run(ctx) -> None:
     config, layout = ctx.config, ctx.layout
     splits = raw_splits(config)
-    todo = [name for name in splits if not (embeddings_dir(ctx, name) / INDEX_NAME).is_file()]
+    # Decided on rank 0 for everyone: ranks must not disagree on what is done.
+    todo = layout.decided_on_rank0(lambda: [name for name in splits if not (embeddings_dir(ctx, name) / INDEX_NAME).is_file()])
     if not todo:
         logger.info("freeze: embeddings already written, skipping")
         return
@@ -154,7 +152,5 @@ def run(ctx) -> None:
             metadata={"split": name, "encoder": config.encoder.name},
         )
         layout.barrier()
-        if ctx.is_main:
-            index = merge_index_parts(str(folder))
-            logger.info("freeze: %s: %s", name, index.summary().splitlines()[0])
-        layout.barrier()
+        index = layout.decided_on_rank0(lambda folder=folder: merge_index_parts(str(folder)))
+        logger.info("freeze: %s: %s", name, index.summary().splitlines()[0])

@@ -10,64 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict
-
-import torch
-
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
-from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 from kvb_dist.kmeans import streaming_kmeans
-from kvb_dist.run.checkpoint import CheckpointSeries
-from kvb_dist.run.phases.freeze import embeddings_dir
-from kvb_dist.splitters import make_splitter
+from kvb_dist.run.builders import build_bottleneck, build_splitter, embeddings_dir, init_checkpoints, init_tensors, to_heads
 
 logger = logging.getLogger(__name__)
-
-
-def checkpoints(ctx) -> CheckpointSeries:
-    return CheckpointSeries(ctx.path("checkpoints"), "initialize", ctx.layout)
-
-
-def tensors(splitter: torch.nn.Module, bottleneck: ShardedKeyValueBottleneck) -> Dict[str, torch.Tensor]:
-    """What the initialize checkpoint holds, sharing memory with the modules (loads fill them)."""
-    return {
-        **{f"splitter.{name}": t for name, t in splitter.state_dict().items()},
-        **{f"bottleneck.{name}": t for name, t in bottleneck.sharded_state_dict().items()},
-    }
-
-
-def build_splitter(config, num_channels: int) -> torch.nn.Module:
-    """Embedding [b, d] -> heads; identical on every rank (seeded)."""
-    b = config.bottleneck
-    torch.manual_seed(config.run.seed)
-    return make_splitter(b.splitting_mode, b.num_codebooks, num_channels, b.dim_keys)
-
-
-def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """[b, d] -> [b, C, k] (the splitter works on channel-last [b, n, d])."""
-    with torch.no_grad():
-        return splitter(features[:, None, :])[:, :, 0, :]
-
-
-def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyValueBottleneck:
-    """The launcher's bottleneck: sparse value gradients, so a step touches only fetched rows."""
-    b = config.bottleneck
-    return ShardedKeyValueBottleneck(
-        b.num_codebooks,
-        b.key_value_pairs_per_codebook,
-        b.dim_keys,
-        b.dim_values,
-        init_mode=init_mode,
-        decay=b.decay,
-        eps=b.eps,
-        threshold_ema_dead_code=b.threshold_ema_dead_code,
-        topk=b.topk,
-        return_values_only=False,
-        layout=layout,
-        seed=config.run.seed,
-        sparse_values=True,
-    )
 
 
 # A rank keeps its part of the init set in memory when it is smaller than this: passes after
@@ -75,24 +23,35 @@ def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyVal
 IN_MEMORY_BYTES = 1 << 30
 
 
-def init_folder(ctx):
-    folder = embeddings_dir(ctx, "init")
-    return folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")
+def init_index(ctx) -> ShardIndex:
+    """The shard index keys are fitted on (init data if the run has any, else train), read on rank 0 for all."""
+    def load():
+        folder = embeddings_dir(ctx, "init")
+        return ShardIndex.load(str(folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")))
+
+    return ctx.layout.decided_on_rank0(load)
 
 
 def run(ctx) -> None:
     config, layout = ctx.config, ctx.layout
-    series = checkpoints(ctx)
+    series = init_checkpoints(ctx)
     if series.record is not None:
         logger.info("initialize: keys already fitted, skipping")
         return
-    index = ShardIndex.load(str(init_folder(ctx)))
+    index = init_index(ctx)
+    if index.num_shards < layout.world_size:  # every rank reads whole shards of its own
+        raise ValueError(
+            f"the embeddings in {index.root} are {index.num_shards} shard(s), fewer than the {layout.world_size} ranks "
+            f"that read them (they were written on fewer ranks): pass --redo freeze to embed them again on these "
+            f"ranks (each writes its own shards; data.samples_per_shard sets their size), or run on at most "
+            f"{index.num_shards} rank(s)"
+        )
     num_channels = int(index.feature_shape[-1])
     splitter = build_splitter(config, num_channels).to(ctx.device)
     bottleneck = build_bottleneck(config, layout).to(ctx.device)
     method = config.init.method
     in_memory = index.num_samples * math.prod(index.feature_shape) * 4 / layout.world_size < IN_MEMORY_BYTES
-    sse = []
+    sse, skipped = [], 0
     if "kmeans" in method:
         stream = ShardStream(index, batch_size=config.init.batch_size, rank=layout.rank, world_size=layout.world_size, seed=config.run.seed)
         kmeans_args = dict(
@@ -106,6 +65,7 @@ def run(ctx) -> None:
             result = streaming_kmeans(passes, num_pairs, layout, **kmeans_args)
         else:
             result = kmeans_from_stream(stream, num_pairs, layout, **kmeans_args)
+        skipped = max(skipped, stream.check_bad_shards(layout.all_reduce_world).samples)
         result.install_(bottleneck)
         sse = [float(v) for v in result.sse_history]
         for iteration, value in enumerate(sse):
@@ -127,8 +87,13 @@ def run(ctx) -> None:
             for batch in replay if replay is not None else lockstep(stream, layout.all_reduce_world):
                 bottleneck(to_heads(splitter, batch.x.to(ctx.device)))
                 step += 1
+            # The bad-shard limit over all ranks (raises on every rank), as k-means applies it.
+            skipped = max(skipped, stream.check_bad_shards(layout.all_reduce_world).samples)
             # Each replica group replaces the same pairs: the world sum counts them R times.
             replaced = layout.all_reduce_world(bottleneck.num_replaced_pairs.clone()) // layout.num_replicas
             ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/dead_pairs_replaced": int(replaced)})
     bottleneck.freeze_keys()
-    series.save(tensors(splitter, bottleneck), {"kmeans_sse": sse, "num_channels": num_channels})
+    if skipped:
+        logger.warning("initialize: %d samples of unreadable shards were skipped", skipped)
+    record = {"kmeans_sse": sse, "num_channels": num_channels, "samples_skipped": skipped}
+    series.save(init_tensors(splitter, bottleneck), record)

@@ -24,19 +24,22 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from kvb_dist.codebook import counter_randint
-from kvb_dist.data.stream import ShardStream
+from kvb_dist.data.shards import ShardIndex
+from kvb_dist.data.stream import NonFiniteFeatures, read_shard
 from kvb_dist.decoders import MLP, LinearProbe
 from kvb_dist.distributed.checkpoint import optimizer_tensors
 from kvb_dist.distributed.layout import shard_ranges
 from kvb_dist.run.checkpoint import CheckpointSeries
-from kvb_dist.run.phases import initialize
-from kvb_dist.run.phases.freeze import embeddings_dir
+from kvb_dist.run import builders
+from kvb_dist.run.builders import embeddings_dir, stream_name
+from kvb_dist.run.stop import Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +52,51 @@ LOOKUP_CHUNK = 512  # samples per lookup call when caching indices / evaluating
 # Data
 
 
-def load_split(folder) -> Dict[str, torch.Tensor]:
-    """A whole embedding shard set in memory, in key order: features [N, d], labels [N]."""
-    stream = ShardStream(str(folder), batch_size=4096, shuffle_shards=False)
-    keys, features, labels = [], [], []
-    for batch in stream:
-        keys += list(batch.keys)
-        features.append(batch.x.reshape(batch.x.shape[0], -1))
-        labels.append(batch.labels)
+# Unreadable shards tolerated in a split, as ShardStream's default limit.
+MAX_BAD_FRACTION = 0.1
+_SKIPPED, _NONFINITE = 1.0, 2.0
+
+
+def load_split(folder, layout) -> Dict:
+    """A whole embedding shard set in memory, in key order, identical on every rank:
+    features [N, d], labels [N], and how many samples unreadable shards held.
+
+    Every rank reads every shard; a shard unreadable on any rank is dropped on all of them, so
+    ranks never train on different sets. More bad shards than MAX_BAD_FRACTION, or NaN / inf
+    features anywhere, raise on every rank.
+    """
+    index = layout.decided_on_rank0(lambda: ShardIndex.load(str(folder)))
+    shards, problems = {}, torch.zeros(index.num_shards, dtype=torch.float64)
+    for i, info in enumerate(index.shards):
+        try:
+            shards[i] = read_shard(index.url_of(info), info, index)
+        except NonFiniteFeatures as error:
+            problems[i] = _NONFINITE
+            logger.error("%s", error)
+        except Exception as error:  # missing, truncated, corrupt: decided together below
+            problems[i] = _SKIPPED
+            logger.warning("shard %s is unreadable here: %s", index.url_of(info), error)
+    problems = layout.all_reduce_world(problems, op=dist.ReduceOp.MAX)
+    bad = [i for i in range(index.num_shards) if problems[i] > 0]
+    if any(problems[i] == _NONFINITE for i in bad):
+        raise ValueError(f"NaN or infinite features in {folder} (see the log of the rank that read them)")
+    if len(bad) > MAX_BAD_FRACTION * index.num_shards:
+        raise ValueError(
+            f"{len(bad)} of {index.num_shards} shards of {folder} are unreadable on some rank, more than "
+            f"{MAX_BAD_FRACTION:.0%}: {[index.shards[i].name for i in bad][:5]}"
+        )
+    kept = [shards[i] for i in range(index.num_shards) if i not in bad]
+    if not sum(len(s.keys) for s in kept):
+        raise ValueError(f"no samples in {folder}")
+    keys = [key for shard in kept for key in shard.keys]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    return {"features": torch.cat(features)[order], "labels": torch.cat(labels)[order].long()}
+    features = torch.from_numpy(np.concatenate([s.features.reshape(len(s.keys), math.prod(index.feature_shape)) for s in kept]))
+    labels = torch.from_numpy(np.concatenate([s.labels for s in kept]))
+    return {
+        "features": features[order],
+        "labels": labels[order].long(),
+        "samples_skipped": sum(index.shards[i].num_samples for i in bad),
+    }
 
 
 def task_classes(config) -> List[List[int]]:
@@ -109,9 +147,9 @@ class BottleneckLearner:
     def __init__(self, ctx, init_checkpoints, train):
         self.ctx = ctx
         config = ctx.config
-        self.splitter = initialize.build_splitter(config, train["features"].shape[1]).to(ctx.device)
-        self.bottleneck = initialize.build_bottleneck(config, ctx.layout).to(ctx.device)
-        init_checkpoints.load_(initialize.tensors(self.splitter, self.bottleneck))  # this rank's codebooks only
+        self.splitter = builders.build_splitter(config, train["features"].shape[1]).to(ctx.device)
+        self.bottleneck = builders.build_bottleneck(config, ctx.layout).to(ctx.device)
+        init_checkpoints.load_(builders.init_tensors(self.splitter, self.bottleneck))  # this rank's codebooks only
         self.bottleneck.freeze_keys()
         if config.bottleneck.values_init == "zeros":
             with torch.no_grad():
@@ -123,7 +161,7 @@ class BottleneckLearner:
         return [self.bottleneck.values]
 
     def heads(self, features: torch.Tensor) -> torch.Tensor:
-        return initialize.to_heads(self.splitter, features.to(self.ctx.device))
+        return builders.to_heads(self.splitter, features.to(self.ctx.device))
 
     def cache_owned_indices(self, features: torch.Tensor) -> torch.Tensor:
         """Pair indices [N, C_mine, t] of every sample for the codebooks this rank holds.
@@ -298,10 +336,6 @@ def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
 # Streams
 
 
-def stream_name(setting: str, learner_name: str) -> str:
-    return f"train-{setting}-{learner_name}"
-
-
 def stream_checkpoints(ctx, setting: str, learner_name: str) -> CheckpointSeries:
     name = stream_name(setting, learner_name)
     return CheckpointSeries(ctx.path("checkpoints"), name, ctx.layout, background=ctx.config.run.async_checkpoints)
@@ -330,7 +364,10 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
 
     learner = build_learner(ctx, learner_name, init_checkpoints, train)
     optimizer = make_optimizer(config, learner)
-    record = {"setting": setting, "learner": learner_name, "tasks": tasks, "accuracy": [], "losses": []}
+    record = {
+        "setting": setting, "learner": learner_name, "tasks": tasks, "accuracy": [], "losses": [],
+        "samples_skipped": {"train": train["samples_skipped"], "test": test["samples_skipped"]},
+    }
     task_index, step = 0, 0
     if saved is not None:
         series.load_(learner.tensors(optimizer))
@@ -361,6 +398,9 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
                 samples_per_s = (step - started_step) * config.train.batch_size / max(elapsed, 1e-9)
                 ctx.tracker.log({f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s})
                 record["losses"].append(float(loss))
+            if ctx.stop.agreed(layout):
+                save(done=False)
+                raise Preempted(f"{prefix} task {t} step {step}")
             if step % config.run.checkpoint_every == 0 and step < steps_per_task:
                 save(done=False, wait=False)  # written in the background while training goes on
         progress.close()
@@ -386,9 +426,9 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
 
 def run(ctx) -> List[Dict]:
     config = ctx.config
-    train = load_split(embeddings_dir(ctx, "train"))
-    test = load_split(embeddings_dir(ctx, "test"))
-    init_checkpoints = initialize.checkpoints(ctx)
+    train = load_split(embeddings_dir(ctx, "train"), ctx.layout)
+    test = load_split(embeddings_dir(ctx, "test"), ctx.layout)
+    init_checkpoints = builders.init_checkpoints(ctx)
     if init_checkpoints.record is None and "kvb" in config.train.learners:
         raise ValueError(f"no fitted keys at {init_checkpoints.record_path}: run the initialize phase first")
     num_classes = len(sum(task_classes(config), []))

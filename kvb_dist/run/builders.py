@@ -1,0 +1,68 @@
+"""What the phases share: where they write, and how the splitter, the bottleneck and their
+checkpoints are built, so that a later phase rebuilds exactly what an earlier one saved."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
+from kvb_dist.run.checkpoint import CheckpointSeries
+from kvb_dist.splitters import make_splitter
+
+
+def embeddings_dir(ctx, split: str):
+    """The freeze phase's shard set of a split (train, test, init)."""
+    return ctx.path("embeddings", split)
+
+
+def stream_name(setting: str, learner_name: str) -> str:
+    """The checkpoint series of one training stream."""
+    return f"train-{setting}-{learner_name}"
+
+
+def init_checkpoints(ctx) -> CheckpointSeries:
+    """The initialize phase's checkpoint series (collective)."""
+    return CheckpointSeries(ctx.path("checkpoints"), "initialize", ctx.layout)
+
+
+def init_tensors(splitter: torch.nn.Module, bottleneck: ShardedKeyValueBottleneck) -> Dict[str, torch.Tensor]:
+    """What the initialize checkpoint holds, sharing memory with the modules (loads fill them)."""
+    return {
+        **{f"splitter.{name}": t for name, t in splitter.state_dict().items()},
+        **{f"bottleneck.{name}": t for name, t in bottleneck.sharded_state_dict().items()},
+    }
+
+
+def build_splitter(config, num_channels: int) -> torch.nn.Module:
+    """Embedding [b, d] -> heads; identical on every rank (seeded)."""
+    b = config.bottleneck
+    torch.manual_seed(config.run.seed)
+    return make_splitter(b.splitting_mode, b.num_codebooks, num_channels, b.dim_keys)
+
+
+def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """[b, d] -> [b, C, k] (the splitter works on channel-last [b, n, d])."""
+    with torch.no_grad():
+        return splitter(features[:, None, :])[:, :, 0, :]
+
+
+def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyValueBottleneck:
+    """The launcher's bottleneck: sparse value gradients, so a step touches only fetched rows."""
+    b = config.bottleneck
+    return ShardedKeyValueBottleneck(
+        b.num_codebooks,
+        b.key_value_pairs_per_codebook,
+        b.dim_keys,
+        b.dim_values,
+        init_mode=init_mode,
+        decay=b.decay,
+        eps=b.eps,
+        threshold_ema_dead_code=b.threshold_ema_dead_code,
+        topk=b.topk,
+        return_values_only=False,
+        layout=layout,
+        seed=config.run.seed,
+        sparse_values=True,
+    )
