@@ -225,3 +225,23 @@ def test_sigterm_checkpoints_then_resumes_exactly(reference, tmp_path):
     result = launch("python", tmp_path)
     assert "resumes at task" in result.stderr
     assert_same_outcome(outcome(tmp_path), outcome(reference), atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_max_restarts_recovers_from_a_killed_rank_by_itself(reference, tmp_path):
+    restarting = command("torchrun", tmp_path)
+    restarting.insert(restarting.index("--standalone"), "--max-restarts=1")
+    process = subprocess.Popen(restarting, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training_checkpoint(process, tmp_path)
+        ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if ENTRY in " ".join(p.cmdline())]
+        ranks[-1].send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+    assert process.returncode == 0, stderr[-4000:]
+    assert "resumes at task" in stderr  # the restarted workers continued from the checkpoint
+    assert_same_outcome(outcome(tmp_path), outcome(reference), atol=1e-5)

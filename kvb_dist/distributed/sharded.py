@@ -40,8 +40,6 @@ _AGREED = (
 _SWITCHES = ("return_values_only", "topk", "update_keys", "count_cluster_size", "sample_codebook_temperature",
              "threshold_ema_dead_code", "decay", "eps", "sparse_values")
 _CALLS = ("forward", "owned_indices", "values_at", "values_at_rows")
-
-
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
@@ -108,21 +106,22 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
 
     # ------------------------------------------------------------------------------------------
 
-    def _agree_on_call(self, call: str, problem: Optional[str], local_queries: int, device: torch.device) -> List[int]:
+    def _agree_on_call(self, call: str, problem: Optional[str], local_queries: int, data: torch.Tensor) -> List[int]:
         """Every rank's query count, from one small all-gather that also checks, before any other
         collective, that no rank's input is invalid and that every rank makes the same call with
-        the same switches on the same device type; otherwise the same ValueError on every rank.
+        the same switches on the same device type (data's); otherwise the same ValueError on every rank.
 
         A rank that raised alone, or ran other collectives than its peers, would leave them
         waiting (or exchanging mismatched data) until the timeout.
         """
+        device_type = "cpu" if problem else data.device.type  # an invalid input may be no tensor at all
         entries = {
             "call": float(_CALLS.index(call)),
-            "input device type": float(_DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else -1),
+            "input device type": float(_DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else -1),
             "initted (k-means done)": float(self.initted.item()),
             **{name: _as_number(getattr(self, name)) for name in _SWITCHES},
         }
-        table = self.layout.all_gather_world(_row({"queries": 0 if problem else local_queries, "invalid": problem is not None, **entries}))
+        table = self.layout.all_gather_world(_row({"queries": local_queries, "invalid": problem is not None, **entries}))
         bad_ranks = [r for r in range(table.shape[0]) if table[r, 1]]
         if bad_ranks:
             raise ValueError(f"invalid bottleneck input on rank(s) {bad_ranks}" + (f": {problem}" if problem else ""))
@@ -138,7 +137,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         """x routed to the codebooks' owners, looked up (and learned from) there: (lookup, routed, batch, spatial)."""
         problem = self.input_problem(x)
         queries = 0 if problem else x.shape[0] * math.prod(x.shape[2:-1])
-        queries_per_rank = self._agree_on_call(call, problem, queries, x.device if problem is None else torch.device("cpu"))
+        queries_per_rank = self._agree_on_call(call, problem, queries, x)
         queries_cik, batch, spatial = self._queries_from_input(x)
         routed = self.layout.route_to_owners(queries_cik, queries_per_rank)
         lookup = self._lookup_and_learn(
@@ -168,7 +167,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
     def values_at(self, indices: torch.Tensor) -> torch.Tensor:
         problem = self.indices_problem(indices)
         queries = 0 if problem else indices.numel() // self.num_codebooks
-        queries_per_rank = self._agree_on_call("values_at", problem, queries, indices.device if problem is None else torch.device("cpu"))
+        queries_per_rank = self._agree_on_call("values_at", problem, queries, indices)
         batch, num_codebooks, *rest = indices.shape
         # Every (sample, t, position) is one query fetching one pair: [C, i, 1].
         routed = self.layout.route_to_owners(indices.movedim(1, 0).reshape(num_codebooks, -1, 1), queries_per_rank)
@@ -205,7 +204,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
             problem = f"rows must be an int64 tensor [b], got {getattr(rows, 'dtype', type(rows).__name__)} {getattr(rows, 'shape', '')}"
         elif rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= owned.shape[0]):
             problem = f"rows must be in [0, {owned.shape[0]}) (the samples in owned)"
-        queries_per_rank = self._agree_on_call("values_at_rows", problem, 0 if problem else rows.numel(), owned.device if problem is None else torch.device("cpu"))
+        queries_per_rank = self._agree_on_call("values_at_rows", problem, 0 if problem else rows.numel(), owned)
         peer_sizes = self.layout.shard_peers(queries_per_rank)
         peer_rows = self.layout.all_gather_rows(rows, peer_sizes, over="shard")
         indices = owned[peer_rows.to(owned.device)].long().movedim(1, 0)  # [C_mine, I, t]

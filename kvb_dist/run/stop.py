@@ -1,7 +1,7 @@
 """Preemption: SIGTERM, what SLURM and Kubernetes send before they kill a job, stops the run at a
 step every rank agrees on, after a checkpoint; the process then exits with EXIT_PREEMPTED.
 
-The signal handler only sets a flag. Training asks `agreed(layout)` after every step (one
+The signal handler only sets a flag. Training asks `agreed(layout)` every few steps (one
 all-reduce of one number), so all ranks stop after the same step even when only one of them got
 the signal; the run then resumes exactly from that step.
 """

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 SETTING_TAGS = {"class_incremental": 1, "iid": 2}
 LEARNER_TAGS = {"kvb": 1, "linear_probe": 2, "mlp": 3}
 LOOKUP_CHUNK = 512  # samples per lookup call when caching indices / evaluating
+STOP_CHECK_EVERY = 10  # steps between asking whether a rank got SIGTERM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +399,8 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
                 samples_per_s = (step - started_step) * config.train.batch_size / max(elapsed, 1e-9)
                 ctx.tracker.log({f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s})
                 record["losses"].append(float(loss))
-            if ctx.stop.agreed(layout):
+            # Asked every STOP_CHECK_EVERY steps: the agreement is an all-reduce, about a step's time on gloo.
+            if (step % STOP_CHECK_EVERY == 0 or step == steps_per_task) and ctx.stop.agreed(layout):
                 save(done=False)
                 raise Preempted(f"{prefix} task {t} step {step}")
             if step % config.run.checkpoint_every == 0 and step < steps_per_task:
