@@ -28,13 +28,13 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from kvb_dist.distributed.layout import ParallelLayout
+from kvb_dist.run.phases import PHASES
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 RANKS_LOCK_NAME = ".ranks.lock"
 CONFIG_NAME = "config.yaml"
-PHASES = ("freeze", "initialize", "train", "evaluate")
 # What each phase writes; redoing a phase deletes its outputs and those of every later phase.
 PHASE_OUTPUTS = {
     "freeze": ("embeddings",),
@@ -117,8 +117,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -166,13 +166,11 @@ class RunFolder:
             raise ValueError(f"redo must be one of {list(PHASES)}, got {redo!r}")
         run_dir = Path(config.run_dir)
         folder = cls(run_dir, layout)
-        problem = None
-        if layout.rank == 0:
-            try:
-                problem = folder._claim_on_rank0(config.to_dict(), redo)
-            except Exception as error:  # told to every rank below, never raised here alone
-                problem = f"cannot prepare run folder {run_dir}: {type(error).__name__}: {error}"
-        problem = layout.broadcast_object(problem)
+        try:
+            problem = layout.decided_on_rank0(lambda: folder._claim_on_rank0(config.to_dict(), redo))
+        except BaseException:
+            folder.release()
+            raise
         if problem is not None:
             folder.release()
             raise RunFolderError(problem)

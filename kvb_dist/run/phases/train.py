@@ -86,7 +86,7 @@ def load_split(folder, layout) -> Dict:
             f"{len(bad)} of {index.num_shards} shards of {folder} are unreadable on some rank, more than "
             f"{MAX_BAD_FRACTION:.0%}: {[index.shards[i].name for i in bad][:5]}"
         )
-    kept = [shards[i] for i in range(index.num_shards) if i not in bad]
+    kept = [shards[i] for i in range(index.num_shards) if problems[i] == 0]
     if not sum(len(s.keys) for s in kept):
         raise ValueError(f"no samples in {folder}")
     keys = [key for shard in kept for key in shard.keys]
