@@ -16,7 +16,8 @@ from kvb_dist.distributed.spawn import run_ranks
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.codebook import smoothed_cluster_size
 from kvb_dist.data import ShardStream, write_arrays
-from kvb_dist import kmeans as kmeans_module, native
+from kvb_dist import kmeans as kmeans_module
+from kvb_dist.native import build as native
 from kvb_dist.kmeans import (
     ChunkHeads,
     accumulate_assignments_,
@@ -220,7 +221,7 @@ def test_fused_kernel_falls_back_without_a_compiler(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="nonexistent"):
         native.build()
     monkeypatch.setattr(native, "_loaded", {})  # as in a fresh process
-    with caplog.at_level("WARNING", logger="kvb_dist.native"):
+    with caplog.at_level("WARNING", logger="kvb_dist.native.build"):
         assert native.fused_nearest_means() is None
     assert "GEMM" in caplog.text
     # k-means still runs, on the fallback.

@@ -5,7 +5,7 @@
  *
  * Queries go in blocks of one SIMD vector (transposed on the fly); means go KEYS_PER_STEP at a time
  * so that enough independent FMA chains are in flight. Plain C with GCC/Clang vector extensions;
- * kvb_dist/native.py compiles it with -O3 -march=native on first use.
+ * kvb_dist/native/build.py compiles it with -O3 -march=native on first use and caches the library.
  *
  * Ties go to the smallest index, as torch.argmin: means are visited in increasing order and only a
  * strictly smaller score replaces the best so far.
