@@ -24,9 +24,9 @@ entirely, logged once and counted in `stream.stats` (shards, and their samples f
 more than `max_bad_fraction` of the shards bad raises. On several ranks the limit is applied
 by `stream.check_bad_shards(all_reduce_sum)` (call it after each epoch, where all ranks are in
 step): it counts over all ranks and raises on every rank. A rank never raises over the limit
-alone, since the others would wait for it in their next collective. An empty shard (a tar without members, 0 samples in the index)
-is read as empty, not as bad. NaN or infinite features raise with the shard and key they came from (or skip the
-shard, `nonfinite="skip_shard"`).
+alone, since the others would wait for it in their next collective. An empty shard (a tar
+without members, 0 samples in the index) is read as empty, not as bad. NaN or infinite features
+raise with the shard and key they came from (or skip the shard, `nonfinite="skip_shard"`).
 
 Do not pass a ShardStream (or its DataLoader) through accelerator.prepare: it splits the data
 itself, and Accelerate's sharding would drop or duplicate samples (DESIGN §5).
@@ -567,6 +567,9 @@ class ShardStream:
         self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
         self.seed, self.shuffle_shards, self.shuffle_buffer, self.drop_last = seed, shuffle_shards, shuffle_buffer, drop_last
         self.max_bad_fraction, self.nonfinite, self.decode = max_bad_fraction, nonfinite, decode
+        # The limit one rank applies alone: only a single rank sees the whole set; on several ranks
+        # check_bad_shards applies it over all of them (a rank raising alone would hang the others).
+        self._local_bad_fraction = max_bad_fraction if world_size == 1 else 1.0
         self.epoch = 0
         self.stats = StreamStats()
 
@@ -583,7 +586,7 @@ class ShardStream:
             stages += [partial(_split_by_rank, rank=self.rank, world_size=self.world_size), _split_by_worker]
         stages += [
             partial(_load_shards, infos=infos, index=self.index, nonfinite=self.nonfinite,
-                    max_bad_fraction=self.max_bad_fraction if self.world_size == 1 else 1.0),
+                    max_bad_fraction=self._local_bad_fraction),
             partial(_filter_classes, classes=self.classes),
             partial(_shuffle, buffer_size=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank),
             partial(_batched, batch_size=self.batch_size, drop_last=self.drop_last, kind=self.index.kind,
@@ -601,7 +604,7 @@ class ShardStream:
             self.stats.samples_skipped += self._shard_of_url[report.url].num_samples
             logger.warning("skipping shard %s: %s (%d skipped so far)", report.url, report.problem,
                            self.stats.shards_skipped)
-        if self.world_size == 1 and self.stats.shards_skipped > self.max_bad_fraction * len(self.shards):
+        if self.stats.shards_skipped > self._local_bad_fraction * len(self.shards):
             raise _bad_shard_error(self.stats.bad_shards, len(self.shards), self.max_bad_fraction)
 
     def __iter__(self) -> Iterator[Batch]:
