@@ -13,18 +13,37 @@ over processes therefore draws exactly the numbers one process would draw.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
+from kvb_dist.native import native_kernels
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
-# Scores for at most this many (codebook, query, pair) triples exist at once: 16 MiB in fp32.
+# Scores for at most this many (codebook, query, pair) triples exist at once on the CPU: 16 MiB in
+# fp32, small enough to stay in cache between the GEMM that writes them and the arg-max that reads them.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# On an accelerator: large batched GEMMs (few kernel launches), within this share of free memory.
+ACCELERATOR_CHUNK_MEMORY_FRACTION = 1 / 16
+ACCELERATOR_CHUNK_ELEMENTS_MAX = 1 << 30
 
 
 def no_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """Elements of one chunk of float32 scores (or distances) on this device.
+
+    A CPU wants chunks that fit its cache. A GPU wants few, large kernel launches: 1 << 22 scores
+    are 16 to 64 queries per GEMM at J = 65536, millions of launches per k-means pass. There a
+    chunk takes a share of the free memory (asked once per call: one query, no per-chunk sync).
+    """
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(max(DEFAULT_CHUNK_ELEMENTS, min(ACCELERATOR_CHUNK_ELEMENTS_MAX, free_bytes * ACCELERATOR_CHUNK_MEMORY_FRACTION // 4)))
+    return DEFAULT_CHUNK_ELEMENTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +131,18 @@ def _chunk_sizes(num_codebooks: int, num_queries: int, num_pairs: int, chunk_ele
     return codebooks_per_chunk, queries_per_chunk
 
 
+# Top-t lookups up to this t run in the native kernel (insertion into a per-query list); larger
+# ones by GEMM + torch.topk.
+NATIVE_TOPK_MAX = 32
+
+
+def _native_for(queries_cik: torch.Tensor, keys_cjk: torch.Tensor):
+    """The native kernels where they apply to these tensors (float32 on the CPU), else None."""
+    if queries_cik.device.type != "cpu" or queries_cik.dtype != torch.float32 or keys_cjk.dtype != torch.float32:
+        return None
+    return native_kernels()
+
+
 def nearest_keys(
     queries_cik: torch.Tensor,
     keys_cjk: torch.Tensor,
@@ -122,27 +153,48 @@ def nearest_keys(
     noise_seed: Optional[torch.Tensor] = None,
     codebook_ids: Optional[torch.Tensor] = None,
     query_ids: Optional[torch.Tensor] = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: Optional[int] = None,
 ):
-    """Indices [c, i, t] of the t best keys per query and their scores -||query - key||^2.
+    """Indices [c, i, t] of the t best keys per query, best first, and their scores -||query - key||^2.
 
-    Works in chunks so that [c, i, j] never exists for the whole batch. With temperature > 0
-    the choice is Gumbel-max sampling on scores / temperature; the noise for (codebook,
-    query, pair) comes from `counter_uniform(noise_seed, codebook_ids, query_ids, pair)`.
+    On the CPU (float32, temperature 0, t <= NATIVE_TOPK_MAX) the fused kernel of kvb_dist.native
+    computes distances and keeps the best in registers, never writing [c, i, j] scores; ties go to
+    the smaller index. Elsewhere it works by GEMM in chunks of chunk_elements scores (default: by
+    device, see default_chunk_elements) so that [c, i, j] never exists for the whole batch. With
+    temperature > 0 the choice is Gumbel-max sampling on scores / temperature; the noise for
+    (codebook, query, pair) comes from `counter_uniform(noise_seed, codebook_ids, query_ids, pair)`.
     Excluded pairs are never fetched.
     """
     num_codebooks, num_queries, _ = queries_cik.shape
     num_pairs = keys_cjk.shape[1]
     device = queries_cik.device
+    if num_queries == 0 or num_codebooks == 0:
+        return (torch.empty(num_codebooks, num_queries, topk, dtype=torch.long, device=device),
+                torch.empty(num_codebooks, num_queries, topk, dtype=torch.float32, device=device))
+    native = _native_for(queries_cik, keys_cjk)
+    if native is not None and temperature == 0 and (topk == 1 or (topk <= NATIVE_TOPK_MAX and excluded_cj is None)):
+        queries = queries_cik if queries_cik.stride(-1) == 1 else queries_cik.contiguous()
+        excluded = None if excluded_cj is None else excluded_cj.contiguous()
+        indices, distances = native.nearest_keys(
+            queries, keys_cjk.contiguous(), excluded, topk, threads=torch.get_num_threads()
+        )
+        return indices, distances.neg_()
+    return _nearest_keys_by_gemm(
+        queries_cik, keys_cjk, torch.einsum("cjk,cjk->cj", keys_cjk, keys_cjk), topk, temperature, excluded_cj, noise_seed, codebook_ids, query_ids,
+        chunk_elements or default_chunk_elements(device),
+    )
+
+
+def _nearest_keys_by_gemm(queries_cik, keys_cjk, key_sq_cj, topk, temperature, excluded_cj, noise_seed,
+                          codebook_ids, query_ids, chunk_elements):
+    num_codebooks, num_queries, _ = queries_cik.shape
+    num_pairs = keys_cjk.shape[1]
+    device = queries_cik.device
     indices = torch.empty(num_codebooks, num_queries, topk, dtype=torch.long, device=device)
     scores = torch.empty(num_codebooks, num_queries, topk, dtype=torch.float32, device=device)
-    if num_queries == 0 or num_codebooks == 0:
-        return indices, scores
     if temperature > 0:
         assert noise_seed is not None and codebook_ids is not None and query_ids is not None
         pair_ids = torch.arange(num_pairs, device=device)
-
-    key_sq_cj = torch.einsum("cjk,cjk->cj", keys_cjk, keys_cjk)
     keys_ckj = keys_cjk.transpose(1, 2)
     cb, qb = _chunk_sizes(num_codebooks, num_queries, num_pairs, chunk_elements)
     # One scores buffer for all chunks: a fresh allocation per chunk costs page faults.
@@ -243,22 +295,58 @@ def ema_update_(
     torch.div(keys_avg_cjk, smoothed_cluster_size(cluster_size_cj, eps)[..., None], out=keys_cjk)
 
 
-def reset_pairs_(
+def ema_step_(
     keys_cjk: torch.Tensor,
     keys_avg_cjk: torch.Tensor,
     cluster_size_cj: torch.Tensor,
-    mask_cj: torch.Tensor,
-    new_keys_nk: torch.Tensor,
-    cluster_size_value: float,
-) -> None:
-    """Give the masked pairs new keys and EMA state that derives those keys again.
+    hits: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    decay: float,
+    eps: float,
+    threshold: float,
+    replace_seed: torch.Tensor,
+    first_codebook: int,
+    queries_ick: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The EMA step of these codebooks in place; the number of pairs replaced (a 0-dim tensor).
 
-    The pair restarts as if `cluster_size_value` queries equal to its new key had chosen it,
-    so the next EMA step starts from the new key instead of pulling back to the dead one.
+    hits: (flat pair ids into c * j, counts, query sums) as hit_statistics gives them, rows of
+    several holders concatenated in any order. ema_update_ with the hits, then dead-pair
+    replacement: every pair with cluster_size < threshold (if threshold > 0) takes the head of
+    query `counter_randint(replace_seed, num_queries, codebook id, pair)` of the global batch
+    queries_ick [num_queries, c, k] and restarts as if `threshold` queries equal to its new key
+    had chosen it (keys_avg = key x threshold), so the next EMA step does not pull it back.
+
+    On the CPU the native kernel does all of it in one pass over the state; elsewhere torch does,
+    without host syncs (the replacement is a masked select over all pairs, so a GPU never waits
+    for a count of dead pairs).
     """
-    keys_cjk[mask_cj] = new_keys_nk
-    cluster_size_cj[mask_cj] = cluster_size_value
-    keys_avg_cjk[mask_cj] = new_keys_nk * cluster_size_value
+    num_codebooks, num_pairs, dim = keys_cjk.shape
+    ids, counts, sums = hits
+    native = _native_for(keys_cjk, keys_avg_cjk)
+    if native is not None and all(t.is_contiguous() for t in (keys_cjk, keys_avg_cjk, cluster_size_cj)):
+        ids, order = ids.sort(stable=True)  # the kernel merges hits in id order; repeats add up in order
+        if threshold > 0 and queries_ick.stride(-1) != 1:
+            queries_ick = queries_ick.contiguous()
+        replaced = native.ema_step_(
+            keys_cjk, keys_avg_cjk, cluster_size_cj, ids, counts[order].contiguous(), sums[order].contiguous(),
+            decay, eps, threshold, int(replace_seed), first_codebook, queries_ick if threshold > 0 else keys_cjk[:0],
+            threads=torch.get_num_threads(),
+        )
+        return torch.tensor(replaced)
+    dense_counts, dense_sums = scatter_statistics(ids, counts, sums, num_codebooks, num_pairs)
+    ema_update_(keys_cjk, keys_avg_cjk, cluster_size_cj, dense_counts, dense_sums, decay, eps)
+    if threshold <= 0:
+        return torch.zeros((), dtype=torch.int64, device=keys_cjk.device)
+    dead_cj = cluster_size_cj < threshold
+    codebooks = torch.arange(num_codebooks, device=keys_cjk.device)
+    wanted_cj = counter_randint(
+        replace_seed, queries_ick.shape[0], codebooks[:, None] + first_codebook, torch.arange(num_pairs, device=keys_cjk.device)
+    )
+    new_keys_cjk = queries_ick[wanted_cj, codebooks[:, None]]
+    keys_cjk.copy_(torch.where(dead_cj[..., None], new_keys_cjk, keys_cjk))
+    keys_avg_cjk.copy_(torch.where(dead_cj[..., None], new_keys_cjk * threshold, keys_avg_cjk))
+    cluster_size_cj.masked_fill_(dead_cj, threshold)
+    return dead_cj.sum()
 
 
 def rows_by_query_id(

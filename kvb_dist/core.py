@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
@@ -21,17 +22,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from kvb_dist.codebook import (
-    DEFAULT_CHUNK_ELEMENTS,
     Reduce,
     hit_statistics,
     counter_hash,
     counter_randint,
-    ema_update_,
+    ema_step_,
     nearest_keys,
     no_reduce,
-    reset_pairs_,
     rows_by_query_id,
-    scatter_statistics,
     smoothed_cluster_size,
 )
 from kvb_dist.kmeans import lloyd_
@@ -46,20 +44,48 @@ _FP32_STATE = ("keys", "keys_avg", "cluster_size", "cluster_size_counter", "init
 _TAG_KEYS, _TAG_VALUES, _TAG_NOISE, _TAG_REPLACE, _TAG_KMEANS = 1, 2, 3, 4, 5
 
 
-def seeded_normal(seed: int, tag: int, first_codebook: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normals [c, j, d] for codebooks first_codebook..: codebook g's from a generator seeded by (seed, tag, g).
+def seeded_normal(seed: int, tag: int, first_codebook: int, shape: Sequence[int], device=None) -> torch.Tensor:
+    """Standard normals [c, j, d] on `device` (default CPU) for codebooks first_codebook..: codebook
+    g's from a generator of that device seeded by (seed, tag, g).
 
-    A codebook's initial keys and values depend on the seed and its global index only, so a
-    sharded module holds exactly the slice that one process would create; one generator call
-    per codebook keeps it as fast as torch.randn (hashing every element was 100x slower).
+    A codebook's numbers depend on (seed, tag, g), its shape [j, d] and the device type only, so a
+    sharded module holds exactly the slice that one process on the same device type creates.
+    Device types draw different normals for one seed (CPU and CUDA do; CUDA's may also differ
+    between GPU models, whose size sets its kernels' launch geometry); a device type with no
+    generator of its own gets the CPU's, one codebook at a time. "meta" draws nothing.
+
+    One generator call per codebook keeps it as fast as torch.randn (hashing every element was
+    100x slower). torch's CPU normal_ is serial: CPU codebooks are drawn on
+    torch.get_num_threads() threads, each into its place (no temporary, no copy).
     """
-    num_codebooks, num_pairs, dim = shape
-    out = torch.empty(shape)
-    generator = torch.Generator()
-    for i in range(num_codebooks):
-        codebook_seed = counter_hash(torch.tensor(seed), torch.tensor(tag), torch.tensor(first_codebook + i))
-        generator.manual_seed(int(codebook_seed) & ((1 << 63) - 1))
-        out[i] = torch.randn(num_pairs, dim, generator=generator)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty(shape, device=device)
+    if device.type == "meta" or out.numel() == 0:
+        return out
+    # Every codebook's seed from one hash (a hash per codebook cost 0.1 ms), as non-negative ints.
+    ids = torch.arange(first_codebook, first_codebook + shape[0])
+    seeds = (counter_hash(torch.tensor(seed), torch.tensor(tag), ids) & ((1 << 63) - 1)).tolist()
+    if device.type == "cpu":
+        def draw(i: int) -> None:
+            out[i].normal_(generator=torch.Generator().manual_seed(seeds[i]))
+
+        workers = min(torch.get_num_threads(), len(seeds))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(draw, range(len(seeds))))
+        else:
+            for i in range(len(seeds)):
+                draw(i)
+        return out
+    try:
+        generator = torch.Generator(device=device)
+    except RuntimeError:  # no generator on this device type: the CPU's numbers
+        generator = None
+    for i, codebook_seed in enumerate(seeds):
+        if generator is None:
+            out[i].copy_(torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(codebook_seed)))
+        else:
+            out[i].normal_(generator=generator.manual_seed(codebook_seed))
     return out
 
 
@@ -139,9 +165,21 @@ class KeyValueBottleneck(nn.Module):
         topk: int = 1,
         *,
         seed: Optional[int] = None,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: Optional[int] = None,
         sparse_values: bool = False,
+        device=None,
     ):
+        """Arguments as the original's, plus seed, chunk_elements, sparse_values and device.
+
+        device: where every buffer and the values are built, the random ones drawn there by that
+        device's generator (default None: the CPU). Initial numbers therefore depend on the
+        device type (see `seeded_normal`); on one device type they never depend on the layout.
+        device="meta" allocates and draws nothing, for a module whose state will be loaded:
+        ``module.to_empty(device=...)`` and then ``load_state_dict`` or a
+        torch.distributed.checkpoint load (or ``load_state_dict(state, assign=True)`` directly).
+        to_empty leaves the codebook tensors uninitialized, as PyTorch does, but random_state
+        gets this seed back; a forward before materializing raises.
+        """
         super().__init__()
         _check_arguments(
             num_codebooks=num_codebooks,
@@ -156,6 +194,7 @@ class KeyValueBottleneck(nn.Module):
             sample_codebook_temperature=sample_codebook_temperature,
             topk=topk,
             chunk_elements=chunk_elements,
+            device=device,
         )
         self.num_codebooks = num_codebooks
         self.key_value_pairs_per_codebook = key_value_pairs_per_codebook
@@ -179,7 +218,10 @@ class KeyValueBottleneck(nn.Module):
         elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**63), got {seed!r}")
         seed = int(seed)
-        self._register_state(seed, first_codebook=0, num_local_codebooks=num_codebooks)
+        # Gradient hooks of `values`, registered again whenever the parameter object is replaced
+        # (to_empty from meta, load_state_dict(assign=True)): see _apply.
+        self._values_grad_hooks = []
+        self._register_state(seed, first_codebook=0, num_local_codebooks=num_codebooks, device=device)
 
     @property
     def topk(self) -> int:
@@ -194,37 +236,55 @@ class KeyValueBottleneck(nn.Module):
             raise ValueError(f"topk must be an integer in [1, key_value_pairs_per_codebook={pairs}], got {value!r}")
         self._topk = value
 
-    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int) -> None:
-        """State for codebooks first_codebook .. first_codebook + num_local_codebooks - 1."""
+    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int, device=None) -> None:
+        """State for codebooks first_codebook .. first_codebook + num_local_codebooks - 1, built on device."""
         self.first_codebook = first_codebook
+        self._construction_seed = seed  # random_state's seed after to_empty from meta (see _apply)
         shape = (num_local_codebooks, self.key_value_pairs_per_codebook)
         if self.init_mode == "random":
-            keys = seeded_normal(seed, _TAG_KEYS, first_codebook, (*shape, self.dim_keys))
+            keys = seeded_normal(seed, _TAG_KEYS, first_codebook, (*shape, self.dim_keys), device)
         else:
-            keys = torch.zeros(*shape, self.dim_keys)
-        values = seeded_normal(seed, _TAG_VALUES, first_codebook, (*shape, self.dim_values))
-        self.register_buffer("initted", torch.tensor([float(self.init_mode != "kmeans")]))
-        self.register_buffer("cluster_size", torch.zeros(shape))
-        self.register_buffer("cluster_size_counter", torch.zeros(shape))
+            keys = torch.zeros(*shape, self.dim_keys, device=device)
+        values = seeded_normal(seed, _TAG_VALUES, first_codebook, (*shape, self.dim_values), device)
+        self.register_buffer("initted", torch.tensor([float(self.init_mode != "kmeans")], device=device))
+        self.register_buffer("cluster_size", torch.zeros(shape, device=device))
+        self.register_buffer("cluster_size_counter", torch.zeros(shape, device=device))
         self.register_buffer("keys_avg", keys.clone())
         self.register_buffer("keys", keys)
         # [seed, step]: counter-based randomness is a function of these (and global ids) only.
-        self.register_buffer("random_state", torch.tensor([seed, 0], dtype=torch.int64))
+        self.register_buffer("random_state", torch.tensor([seed, 0], dtype=torch.int64, device=device))
         self.values = nn.Parameter(values)
-        # Dead pairs replaced so far (held here; not part of the checkpointed state).
-        self.num_replaced_pairs = torch.zeros((), dtype=torch.int64)
+        # Dead pairs replaced so far (held here, with the state's device so that adding to it needs
+        # no host sync and NCCL can sum it; not part of the checkpointed state: no buffer).
+        self.num_replaced_pairs = torch.zeros((), dtype=torch.int64, device=device)
 
     def _apply(self, fn, recurse=True):
         """`.double()`, `.half()`, `.to(dtype)` cast the values only: codebook state stays float32.
 
         The lookup and the EMA run in fp32 whatever the module's dtype; the values are what the
         decoder reads, so they follow the cast. Device moves apply to everything.
+
+        Materializing a meta module (`to_empty`) sets random_state to [seed, 0] of construction,
+        which checkpoints of the original code do not hold, and num_replaced_pairs to 0 (it moves
+        with the state otherwise); the rest stays uninitialized until a load. A values parameter
+        replaced by a new object gets its gradient hooks back.
         """
         before = {name: self._buffers[name] for name in _FP32_STATE}
+        values_before = self._parameters["values"]
+        was_meta = self._buffers["random_state"].is_meta
         super()._apply(fn, recurse)
         for name, old in before.items():
             if self._buffers[name].dtype != old.dtype:
                 self._buffers[name] = old.to(self._buffers[name].device)
+        random_state = self._buffers["random_state"]
+        if was_meta and not random_state.is_meta:
+            random_state.copy_(torch.tensor([self._construction_seed, 0]))
+            self.num_replaced_pairs = torch.zeros((), dtype=torch.int64, device=random_state.device)
+        elif self.num_replaced_pairs.device != random_state.device:
+            self.num_replaced_pairs = self.num_replaced_pairs.to(random_state.device)
+        if self._parameters["values"] is not values_before:
+            for hook in getattr(self, "_values_grad_hooks", ()):
+                self._parameters["values"].register_hook(hook)
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -253,8 +313,21 @@ class KeyValueBottleneck(nn.Module):
                 _arrange(lookup.counts, batch, spatial)[..., None],
             )
 
+    def state_problem(self) -> Optional[str]:
+        """Why this module cannot look anything up (built on the meta device, not loaded yet), or None."""
+        if any(t.is_meta for t in (*self._buffers.values(), *self._parameters.values())):
+            return (
+                f"{type(self).__name__} holds no state yet: it was built on the meta device. Materialize it "
+                f"first: module.to_empty(device=...) and then load_state_dict(...) or a torch.distributed.checkpoint "
+                f"load, or module.load_state_dict(state, assign=True)"
+            )
+        return None
+
     def input_problem(self, x) -> Optional[str]:
-        """Why x is not a valid input [batch, num_codebooks, *spatial, dim_keys], or None."""
+        """Why x is not a valid input [batch, num_codebooks, *spatial, dim_keys] (or the module cannot
+        take any, see state_problem), or None."""
+        if self.state_problem():
+            return self.state_problem()
         expected = f"[batch, num_codebooks={self.num_codebooks}, *spatial, dim_keys={self.dim_keys}]"
         if not isinstance(x, torch.Tensor):
             return f"input must be a torch.Tensor {expected}, got {type(x).__name__}"
@@ -299,6 +372,8 @@ class KeyValueBottleneck(nn.Module):
 
     def indices_problem(self, indices) -> Optional[str]:
         """Why indices is not valid input for values_at, or None."""
+        if self.state_problem():
+            return self.state_problem()
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
             return "indices must be an int64 tensor [batch, num_codebooks, t, *spatial]"
         if indices.ndim < 3 or indices.shape[1] != self.num_codebooks:
@@ -344,7 +419,7 @@ class KeyValueBottleneck(nn.Module):
         detached = queries_cik.detach()
         # As in the original, k-means fits the keys on the first batch whatever the switches say
         # (frozen keys, prepare(epochs=0), a checkpoint with initted 0): never all-zero keys.
-        if not bool(self.initted.item()):
+        if not self._keys_initted():
             self._kmeans_init_(detached, first_query_id, num_global_queries, reduce_sum)
 
         excluded = None if self.count_cluster_size else self.cluster_size_counter == 0
@@ -369,16 +444,29 @@ class KeyValueBottleneck(nn.Module):
             scores = -(queries_cik[:, :, None, :] - keys).pow(2).sum(-1)
 
         if learning:
-            # Summed over the holders of these codebooks as hit rows, not as dense [c, j, k] tensors.
-            hits = self._gathered_over_holders(*hit_statistics(detached, indices[..., 0], num_pairs))
-            pair_hits, sums = scatter_statistics(*hits, num_local, num_pairs)
-            if num_global_queries > 0:
-                ema_update_(self.keys, self.keys_avg, self.cluster_size, pair_hits, sums, self.decay, self.eps)
-                self._replace_dead_pairs_(detached, first_query_id, num_global_queries, reduce_sum)
+            if num_global_queries > 0:  # the same on every holder: all make the same collectives
+                # Hit rows of every holder of these codebooks, not dense [c, j, k] tensors, travel.
+                hits = self._gathered_over_holders(*hit_statistics(detached, indices[..., 0], num_pairs))
+                self.num_replaced_pairs += ema_step_(
+                    self.keys, self.keys_avg, self.cluster_size, hits, self.decay, self.eps,
+                    self.threshold_ema_dead_code,
+                    replace_seed=counter_hash(seed, torch.tensor(_TAG_REPLACE), step),
+                    first_codebook=self.first_codebook,
+                    queries_ick=self._global_batch(detached) if self.threshold_ema_dead_code > 0 else None,
+                ).to(self.num_replaced_pairs.device)
         elif self.count_cluster_size:
             self._count_usage_(indices)
         self.random_state[1] += 1
         return Lookup(indices, counts, keys, scores)
+
+    def _keys_initted(self) -> bool:
+        """The initted flag, read from the buffer only when it may have changed (a new tensor, or an
+        in-place write such as load_state_dict's copy): a step on a GPU then never waits for it."""
+        seen = (id(self.initted), self.initted._version)
+        if getattr(self, "_initted_seen", None) != seen:
+            self._initted_value = bool(self.initted.item())
+            self._initted_seen = seen
+        return self._initted_value
 
     def _count_usage_(self, indices_cit: torch.Tensor) -> None:
         """One more use for every pair [c, i, t] fetched by any holder; touches those pairs only."""
@@ -393,27 +481,14 @@ class KeyValueBottleneck(nn.Module):
         """
         return rows
 
-    def _replace_dead_pairs_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
-        """Pairs with cluster_size < threshold get a random head of the global batch as key.
+    def _global_batch(self, queries_cik: torch.Tensor) -> torch.Tensor:
+        """The global batch's queries [num_global_queries, c, k] for these codebooks, in query-id order.
 
-        The decision reads cluster_size, which is identical on every holder of these codebooks,
-        so all holders take the same branch and issue the same collectives.
+        Dead pairs take their new keys from it. Holders of these codebooks see disjoint,
+        consecutive blocks of the batch: concatenating theirs moves O(batch x c x k), whatever J is.
         """
-        if self.threshold_ema_dead_code <= 0:
-            return
-        dead = self.cluster_size < self.threshold_ema_dead_code
-        if not bool(dead.any()):
-            return
-        codebook_index, pair_index = dead.nonzero(as_tuple=True)
-        self.num_replaced_pairs += codebook_index.numel()
-        wanted = counter_randint(
-            counter_hash(self.random_state[0], torch.tensor(_TAG_REPLACE), self.random_state[1]),
-            num_global_queries,
-            codebook_index + self.first_codebook,
-            pair_index,
-        )
-        new_keys = reduce_sum(rows_by_query_id(queries_cik, first_query_id, codebook_index, wanted))
-        reset_pairs_(self.keys, self.keys_avg, self.cluster_size, dead, new_keys, self.threshold_ema_dead_code)
+        (batch,) = self._gathered_over_holders(queries_cik.transpose(0, 1))
+        return batch
 
     def _kmeans_init_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
         """init_mode="kmeans": fit keys on the first (global) batch, with EMA state that derives them."""
@@ -530,15 +605,30 @@ class KeyValueBottleneck(nn.Module):
                 raise ValueError(f"checkpoint entry '{prefix}{name}' contains NaN or infinite values")
             if name in ("cluster_size", "cluster_size_counter") and bool((found < 0).any()):
                 raise ValueError(f"checkpoint entry '{prefix}{name}' contains negative values; it holds counts (>= 0)")
-        # Checkpoints of the original code have no random_state: keep ours.
+        # Checkpoints of the original code have no random_state: keep ours ([seed, 0] of construction
+        # on a meta module, which holds none yet).
         if prefix + "random_state" not in state_dict:
-            state_dict[prefix + "random_state"] = self.random_state.clone()
+            if self.random_state.is_meta:
+                keys = state_dict.get(prefix + "keys")
+                device = keys.device if isinstance(keys, torch.Tensor) else None
+                state_dict[prefix + "random_state"] = torch.tensor([self._construction_seed, 0], device=device)
+            else:
+                state_dict[prefix + "random_state"] = self.random_state.clone()
         initted = state_dict.get(prefix + "initted")
         if initted is not None:  # the original stores a float [1] tensor; accept any truthy form
             state_dict[prefix + "initted"] = initted.reshape(1).float()
+        if local_metadata.get("assign_to_params_buffers", False):  # assign keeps the entries' dtypes
+            for name in _FP32_STATE:
+                found = state_dict.get(prefix + name)
+                if isinstance(found, torch.Tensor) and found.dtype != torch.float32:
+                    state_dict[prefix + name] = found.float()
+        values_before = self._parameters["values"]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if self._parameters["values"] is not values_before:  # assign=True: a new parameter object
+            for hook in getattr(self, "_values_grad_hooks", ()):
+                self._parameters["values"].register_hook(hook)
 
     def extra_repr(self) -> str:
         return (
@@ -589,8 +679,10 @@ def _check_arguments(**args) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    for name in ("num_codebooks", "key_value_pairs_per_codebook", "dim_keys", "dim_values", "topk", "chunk_elements"):
+    for name in ("num_codebooks", "key_value_pairs_per_codebook", "dim_keys", "dim_values", "topk"):
         positive_int(name)
+    if args["chunk_elements"] is not None:  # None: by the device (codebook.default_chunk_elements)
+        positive_int("chunk_elements")
     if args["init_mode"] not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {INIT_MODES}, got {args['init_mode']!r}")
     if not isinstance(args["kmeans_iters"], int) or args["kmeans_iters"] < 0:
@@ -607,6 +699,12 @@ def _check_arguments(**args) -> None:
         raise ValueError(
             f"topk={args['topk']} must not exceed key_value_pairs_per_codebook={args['key_value_pairs_per_codebook']}"
         )
+    if args["device"] is not None:
+        try:
+            torch.device(args["device"])
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"device must be None, a torch.device or a device string such as 'cuda:0' or 'meta', "
+                             f"got {args['device']!r} ({error})") from None
 
 
 # The original keeps its encoder wrappers in this module: `from kvb_dist.core import

@@ -24,7 +24,7 @@ def test_floor_finds_the_same_keys_as_the_bottleneck(chunk_elements):
 def test_every_step_runs_at_a_tiny_size():
     implementations = ["ours", "floor"] + (["vq"] if bench.vq_available() else [])
     for measure, builders in bench.STEPS.items():
-        for implementation in implementations:
+        for implementation in set(implementations) & set(builders):
             builders[implementation](TINY)()
     bottleneck_step = bench.ours_frozen_fwd_bwd(TINY)
     bottleneck_step()  # twice: the step must leave the module ready for the next one
@@ -38,7 +38,7 @@ def test_run_reports_timings_memory_and_targets():
     result = report["results"]["paper"]
     implementations = {"ours", "floor"} | ({"vq"} if bench.vq_available() else set())
     for measure in bench.STEPS:
-        assert set(result[measure]) == implementations
+        assert set(result[measure]) == implementations & set(bench.STEPS[measure])
         assert all(timing["median_ms"] > 0 and timing["repeats"] == 2 for timing in result[measure].values())
     for implementation, probe in result["peak_rss"].items():
         assert "error" not in probe, probe
@@ -46,7 +46,8 @@ def test_run_reports_timings_memory_and_targets():
         assert probe["rss_after_import_torch_mb"] <= probe["peak_mb"] < 2000
         assert probe["step_peak_mb"] <= probe["peak_mb"]
     targets = {check["target"] for check in report["targets"]}
-    assert any("floor" in target for target in targets) and any("RSS" in target for target in targets)
+    assert any("roofline" in target for target in targets) and any("RSS" in target for target in targets)
+    assert result["roofline_ms"] > 0 and report["sgemm_multiply_adds_per_second"] > 0
     table = bench.format_table(report["results"], report["targets"])
     assert "ema_step" in table and ("PASS" in table or "MISS" in table)
 

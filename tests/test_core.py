@@ -319,3 +319,25 @@ def test_loading_good_state_still_works_after_the_checks():
     clone = KeyValueBottleneck(2, 8, 3, 4, seed=1)
     clone.load_state_dict(module.original_state_dict())
     assert torch.equal(clone.keys, module.keys) and torch.equal(clone.cluster_size, module.cluster_size)
+
+
+def test_initted_is_read_from_its_buffer_only_after_it_changed(monkeypatch):
+    # A step does not read the flag every time (a GPU would wait for it), but every change counts.
+    module = KeyValueBottleneck(2, 8, 3, 4, init_mode="kmeans", kmeans_iters=1, seed=0)
+    fits, reads = [], []
+    fit = module._kmeans_init_
+    monkeypatch.setattr(module, "_kmeans_init_", lambda *args: (fits.append(1), fit(*args)))
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: (reads.append(t is module.initted), item(t))[1])
+    x = heads(16, 2, 3)
+    for _ in range(3):
+        module(x)
+    assert len(fits) == 1 and sum(reads) == 2  # read before and after the fit, not at every step
+    module.initted.zero_()  # an in-place write
+    module(x)
+    assert len(fits) == 2
+    state = module.state_dict()
+    state["initted"] = torch.zeros(1)
+    module.load_state_dict(state)  # a checkpoint of a module not fitted yet
+    module(x)
+    assert len(fits) == 3

@@ -1,5 +1,6 @@
-"""The fused kernel's build: $CC split like a shell word, a cache shared by processes and keyed
-by the source (and flags, compiler, CPU)."""
+"""The native kernels: the fused lookup and the EMA step agree with torch (and float64 brute force),
+and their build: $CC split like a shell word, a cache shared by processes and keyed by the
+sources (and flags, compiler, CPU)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from kvb_dist import codebook
 from kvb_dist.native import build as native
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -35,7 +38,7 @@ def test_a_wrapper_in_cc_builds_a_working_kernel(monkeypatch, tmp_path):
     queries = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
     means = torch.tensor([[0.0, 0.1], [3.0, 2.9], [9.0, 9.0]])
     index, distance = torch.empty(2, dtype=torch.int64), torch.empty(2)
-    kernel(queries, (-2 * means).contiguous(), means.pow(2).sum(1), index, distance)
+    kernel.nearest_means(queries, (-2 * means).contiguous(), means.pow(2).sum(1), index, distance)
     assert index.tolist() == [0, 1]
 
 
@@ -55,10 +58,99 @@ def test_the_library_is_cached_across_processes_and_rebuilt_when_the_source_chan
 
     changed = tmp_path / "changed" / "fused_nearest.c"
     changed.parent.mkdir()
-    changed.write_text(native.SOURCE.read_text() + "\n/* a change */\n")
-    monkeypatch.setattr(native, "SOURCE", changed)
+    changed.write_text(native.SOURCES[0].read_text() + "\n/* a change */\n")
+    monkeypatch.setattr(native, "SOURCES", (changed, *native.SOURCES[1:]))
     monkeypatch.setenv("KVB_DIST_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     native.build()
     assert len(list(tmp_path.glob(f"*/{native.LIBRARY_NAME}"))) == 2  # a new key, a new build
     assert not list(tmp_path.rglob(".*.tmp-*"))  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels against torch and float64 brute force
+
+needs_kernels = pytest.mark.skipif(native.native_kernels() is None, reason="the native kernels did not build")
+
+
+def brute_force_topk(queries_cik, keys_cjk, topk):
+    """Float64 distances, stable sort: ties to the smaller index."""
+    distances = (queries_cik.double()[:, :, None] - keys_cjk.double()[:, None]).pow(2).sum(-1)
+    return torch.from_numpy(np.argsort(distances.numpy(), axis=-1, kind="stable")[..., :topk].copy()), distances
+
+
+def integer_data(shape, generator):
+    # Small integers: every distance is exact in float32, so ties are exact ties.
+    return torch.randint(-3, 4, shape, generator=generator).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_pairs,dim,topk", [(37, 2, 1), (200, 14, 1), (33, 128, 1), (300, 16, 3), (65, 5, 32)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_fused_lookup_equals_gemm_and_float64_brute_force(num_pairs, dim, topk, strided):
+    generator = torch.Generator().manual_seed(num_pairs * dim)
+    num_codebooks, num_queries = 3, 45  # neither a multiple of the kernel's blocks
+    keys = integer_data((num_codebooks, num_pairs, dim), generator)
+    keys[:, 7] = keys[:, 3]  # duplicate keys: exact ties between pairs 3 and 7
+    if strided:  # a [i, c, 2k] buffer viewed as [c, i, k]: strided rows and codebooks
+        queries = integer_data((num_queries, num_codebooks, 2 * dim), generator)[:, :, :dim].transpose(0, 1)
+    else:
+        queries = integer_data((num_codebooks, num_queries, dim), generator)
+    queries[:, :5] = keys[:, 3:8]  # queries on a key, one on the duplicated pair
+    expected, distances = brute_force_topk(queries, keys, topk)
+    indices, scores = codebook.nearest_keys(queries, keys, topk=topk)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(scores.double(), -distances.gather(-1, expected))
+    if topk == 1:
+        by_gemm, _ = codebook._nearest_keys_by_gemm(
+            queries, keys, keys.pow(2).sum(-1), 1, 0.0, None, None, None, None, codebook.DEFAULT_CHUNK_ELEMENTS
+        )
+        assert torch.equal(by_gemm, expected)
+
+
+@needs_kernels
+def test_fused_lookup_on_real_valued_data_and_excluded_pairs():
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(4, 70, 14, generator=generator), torch.randn(4, 1000, 14, generator=generator)
+    expected, _ = brute_force_topk(queries, keys, 1)
+    assert torch.equal(codebook.nearest_keys(queries, keys)[0], expected)
+    excluded = torch.zeros(4, 1000, dtype=torch.bool)
+    excluded.view(-1)[expected.flatten() + torch.arange(4).repeat_interleave(70) * 1000] = True
+    again, _ = codebook.nearest_keys(queries, keys, excluded_cj=excluded)
+    assert not excluded.gather(1, again[..., 0]).any()  # the nearest ones excluded: never fetched
+
+
+def random_codebook_state(generator, num_codebooks=3, num_pairs=50, dim=6):
+    keys = torch.randn(num_codebooks, num_pairs, dim, generator=generator)
+    cluster_size = torch.rand(num_codebooks, num_pairs, generator=generator) * 0.2
+    return keys, keys * cluster_size[..., None], cluster_size
+
+
+@needs_kernels
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
+    generator = torch.Generator().manual_seed(1)
+    num_codebooks, num_pairs, dim, num_queries = 3, 50, 6, 40
+    queries = torch.randn(num_codebooks, num_queries, dim, generator=generator)
+    indices = torch.randint(0, num_pairs, (num_codebooks, num_queries), generator=generator)
+    hits = codebook.hit_statistics(queries, indices, num_pairs)
+    # Two holders' rows concatenated: ids repeat and are not sorted.
+    hits = tuple(torch.cat([part, part.flip(0)]) for part in hits)
+    global_batch = torch.randn(2 * num_queries, num_codebooks, 2 * dim, generator=generator)[:, :, :dim]
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(codebook, "native_kernels", lambda: None)
+        state = tuple(t.clone() for t in random_codebook_state(torch.Generator().manual_seed(2)))
+        replaced = codebook.ema_step_(
+            *state, hits, 0.9, 1e-5, threshold, torch.tensor(123), first_codebook=5, queries_ick=global_batch
+        )
+        results.append((state, int(replaced)))
+    (native_state, native_replaced), (torch_state, torch_replaced) = results
+    assert native_replaced == torch_replaced
+    assert (native_replaced > 10) == (threshold > 0)  # the test replaces pairs where it should
+    for ours, theirs in zip(native_state, torch_state):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    if threshold > 0:  # the same query drawn for every replaced pair: the same key exactly
+        replaced_pairs = native_state[2] == threshold
+        assert torch.equal(native_state[0][replaced_pairs], torch_state[0][replaced_pairs])

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvb_dist.codebook import assignment_statistics, ema_update_, nearest_keys
+from kvb_dist.codebook import assignment_statistics, ema_step_, nearest_keys
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.distributed.layout import ParallelLayout
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
@@ -141,7 +141,9 @@ def ema_worker(rank, world_size):
         nearest, _ = nearest_keys(queries, keys)  # the reference: dense statistics, dense all-reduce
         hits, sums = assignment_statistics(queries, nearest[..., 0], 64)
         hits, sums = layout.all_reduce_replicas(hits), layout.all_reduce_replicas(sums)
-        ema_update_(keys, keys_avg, cluster_size, hits, sums, 0.9, module.eps)
+        every_pair = torch.arange(hits.numel())  # the dense sums as one hit row per pair
+        ema_step_(keys, keys_avg, cluster_size, (every_pair, hits.view(-1), sums.view(-1, 3)), 0.9, module.eps,
+                  0.0, torch.tensor(0), 0, None)
         identical.append(all(torch.equal(a, b) for a, b in ((keys, module.keys), (keys_avg, module.keys_avg), (cluster_size, module.cluster_size))))
     return identical
 

@@ -213,8 +213,19 @@ def save_async(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout
 
 
 def load_(state: Mapping[str, torch.Tensor], folder, layout: ParallelLayout) -> None:
-    """Collective: fills every tensor of `state` in place from `folder`, reading only the slices it holds."""
+    """Collective: fills every tensor of `state` in place from `folder`, reading only the slices it holds.
+
+    A module built on the meta device is materialized first (`module.to_empty(device=...)`):
+    meta tensors hold no memory to fill. Checked before any collective, so every rank of a
+    layout built alike raises the same error.
+    """
     _check_tensors(state)
+    on_meta = [name for name, t in state.items() if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"cannot load into tensors on the meta device ({on_meta[:5]}{' ...' if len(on_meta) > 5 else ''}): "
+            f"materialize the module first with module.to_empty(device=...)"
+        )
     dcp.load(dict(state), storage_reader=SafeReader(str(folder)), **_group_args(layout, None))
 
 

@@ -83,13 +83,18 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
     def __init__(self, *args, layout: Optional[ParallelLayout] = None, **kwargs):
         self.layout = layout if layout is not None else ParallelLayout.build()
         super().__init__(*args, **kwargs)
+        # Listed so that a new values parameter (to_empty from meta, assign loads) gets it back:
+        # without it replica groups would silently stop summing value gradients.
+        self._values_grad_hooks.append(self._sum_value_grad_over_replicas)
         self.values.register_hook(self._sum_value_grad_over_replicas)
 
-    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int) -> None:
+    def _register_state(self, seed: int, first_codebook: int, num_local_codebooks: int, device=None) -> None:
+        # On device="meta" too: the agreement and the seed travel as CPU tensors, so every rank
+        # still runs the same collectives and a later to_empty knows the agreed seed.
         self._check_agreement()
         seed = int(self.layout.broadcast_world(torch.tensor([seed], dtype=torch.int64))[0])
         start, stop = self.layout.codebook_range(self.num_codebooks)
-        super()._register_state(seed, first_codebook=start, num_local_codebooks=stop - start)
+        super()._register_state(seed, first_codebook=start, num_local_codebooks=stop - start, device=device)
 
     def _check_agreement(self) -> None:
         entries = {name: _as_number(getattr(self, name)) for name in _AGREED}
@@ -118,7 +123,7 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
         entries = {
             "call": float(_CALLS.index(call)),
             "input device type": float(_DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else -1),
-            "initted (k-means done)": float(self.initted.item()),
+            "initted (k-means done)": 0.0 if problem else float(self._keys_initted()),
             **{name: _as_number(getattr(self, name)) for name in _SWITCHES},
         }
         table = self.layout.all_gather_world(_row({"queries": local_queries, "invalid": problem is not None, **entries}))

@@ -1,6 +1,5 @@
-"""Native kernels: the fused nearest-mean kernel for k-means on the CPU (fused_nearest.c), compiled
-on first use and cached (build.py)."""
+"""Native CPU kernels (C, compiled on first use and cached): see build.py."""
 
-from kvb_dist.native.build import fused_nearest_means
+from kvb_dist.native.build import NativeKernels, fused_nearest_means, native_kernels
 
-__all__ = ["fused_nearest_means"]
+__all__ = ["NativeKernels", "fused_nearest_means", "native_kernels"]

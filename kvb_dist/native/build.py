@@ -1,13 +1,14 @@
-"""The fused nearest-mean kernel (fused_nearest.c) for k-means on the CPU, compiled on first use.
+"""The native CPU kernels, compiled on first use: fused nearest keys for k-means and the bottleneck's
+lookup (fused_nearest.c), and the bottleneck's EMA step with dead-pair replacement (ema_step.c).
 
-A plain C file built with the machine's C compiler (`$CC`, split like a shell word, so
+Plain C files built with the machine's C compiler (`$CC`, split like a shell word, so
 `CC="ccache gcc"` works; else `cc`) with -march=native, because it runs where it was built. The
 library is cached in `$KVB_DIST_CACHE_DIR` (default `~/.cache/kvb_dist`, or `$XDG_CACHE_HOME/kvb_dist`)
 under a hash of the source, the flags and the compiler's identity (`--version`), so the next
 process loads it instead of compiling (about 0.2 s), and a changed source or compiler builds anew.
 Where the cache cannot be written, it builds into a temporary folder per process. Without a
-compiler, or with KVB_DIST_NATIVE=0, `fused_nearest_means()` returns None and k-means assigns
-with GEMM + row argmin instead: same results up to float rounding, slower for narrow heads.
+compiler, or with KVB_DIST_NATIVE=0, `native_kernels()` returns None and the callers use torch
+(GEMM + row arg-max, dense EMA passes): same results up to float rounding, slower on the CPU.
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("fused_nearest.c")
+SOURCES = (Path(__file__).with_name("fused_nearest.c"), Path(__file__).with_name("ema_step.c"))
 _lock = threading.Lock()
-_loaded: dict = {}  # "kernel": the callable or None, once tried
+_loaded: dict = {}  # "kernels": NativeKernels or None, once tried
 
 
-LIBRARY_NAME = "libkvb_fused_nearest.so"
+LIBRARY_NAME = "libkvb_native.so"
 FLAG_CHOICES = (["-O3", "-march=native"], ["-O3"])  # -march=native first; some compilers (or targets) lack it
 COMMON_FLAGS = ["-Wno-psabi", "-shared", "-fPIC"]
 
@@ -63,12 +65,14 @@ def _cpu_identity() -> str:
 
 
 def build_key(compiler: List[str], flags: List[str]) -> str:
-    """A hash of what decides the library's bytes: source, flags, compiler and its version, CPU."""
+    """A hash of what decides the library's bytes: sources, flags, compiler and its version, CPU."""
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
         raise RuntimeError(f"{shlex.join(compiler)}: {error}") from error
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes() + b"\0")
     for part in (*compiler, *flags, *COMMON_FLAGS, version, _cpu_identity()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
@@ -77,7 +81,7 @@ def build_key(compiler: List[str], flags: List[str]) -> str:
 def _compile(compiler: List[str], flags: List[str], library: Path) -> Optional[str]:
     """Builds library (through a temporary name, so a reader never sees half a file); the error or None."""
     temporary = library.with_name(f".{library.name}.tmp-{os.getpid()}")
-    command = [*compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", str(temporary)]
+    command = [*compiler, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", str(temporary)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -112,66 +116,155 @@ def _build_in(folder: Path) -> ctypes.CDLL:
     raise RuntimeError(f"{shlex.join(compiler)} failed: {errors[-1]}")
 
 
-def _wrap(library: ctypes.CDLL) -> Callable:
-    function = library.kvb_nearest_means
-    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, int64, int64, int64, pointer, pointer, int64, pointer, pointer, pointer, pointer, pointer]
-    function.restype = ctypes.c_int
+def _address(tensor, dtype, shape) -> Optional[int]:
+    if tensor is None:
+        return None
+    assert tensor.device.type == "cpu" and tensor.is_contiguous(), "contiguous CPU tensors only"
+    assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), (tensor.dtype, tuple(tensor.shape), shape)
+    return tensor.data_ptr()
 
-    def address(tensor, dtype, shape) -> Optional[int]:
-        if tensor is None:
-            return None
-        assert tensor.device.type == "cpu" and tensor.is_contiguous(), "contiguous CPU tensors only"
-        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, (tensor.dtype, tuple(tensor.shape), shape)
-        return tensor.data_ptr()
 
-    def nearest(queries_nk, minus_two_means_jk, means_sq_j, index_n=None, distance_n=None,
-                counts_j=None, sums_jk=None, sse_1=None) -> None:
-        """Every query's nearest mean: writes index_n (int64) and distance_n (squared), and/or adds
-        the queries to counts_j, sums_jk and sse_1 (float64). Queries: float32 CPU rows with a
-        contiguous last dim; the rest contiguous. ctypes releases the GIL meanwhile."""
+def _codebook_ranges(num_codebooks: int, parts: int) -> List[Tuple[int, int]]:
+    """At most `parts` contiguous, nearly equal ranges covering 0 .. num_codebooks - 1."""
+    step = max(1, -(-num_codebooks // max(1, parts)))
+    return [(c0, min(c0 + step, num_codebooks)) for c0 in range(0, num_codebooks, step)]
+
+
+class NativeKernels:
+    """The compiled kernels with tensor arguments checked. ctypes releases the GIL during a call,
+    so the codebook-parallel ones split their codebooks over `threads` threads (this one and a pool)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        pointer, int64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._means = library.kvb_nearest_means
+        self._means.argtypes = [pointer, int64, int64, int64, pointer, pointer, int64, pointer, pointer, pointer, pointer, pointer]
+        self._means.restype = ctypes.c_int
+        self._keys = library.kvb_nearest_keys
+        self._keys.argtypes = [pointer, int64, int64, int64, int64, int64, pointer, pointer, int64, int64, pointer, pointer]
+        self._keys.restype = ctypes.c_int
+        self._ema = library.kvb_ema_step
+        self._ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, pointer, pointer, int64,
+                              f32, f32, f32, f32, int64, int64, pointer, int64, int64, int64]
+        self._ema.restype = int64
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def _parallel(self, calls: List[Callable[[], Any]]) -> List[Any]:
+        """Runs the calls on this thread and the pool's; their results in order."""
+        if len(calls) > 1 and (self._pool is None or self._pool._max_workers < len(calls) - 1):
+            self._pool = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="kvb_native")
+        others = [self._pool.submit(call) for call in calls[1:]]
+        return [calls[0](), *(future.result() for future in others)]
+
+    def nearest_means(self, queries_nk, minus_two_means_jk, means_sq_j, index_n=None, distance_n=None,
+                      counts_j=None, sums_jk=None, sse_1=None) -> None:
+        """Every query's nearest mean (one codebook): writes index_n (int64) and distance_n (squared),
+        and/or adds the queries to counts_j, sums_jk and sse_1 (float64). Queries: float32 CPU rows
+        with a contiguous last dim; the rest contiguous."""
         (num_queries, dim), num_means = queries_nk.shape, minus_two_means_jk.shape[0]
         assert queries_nk.device.type == "cpu" and queries_nk.dtype == torch.float32
         assert queries_nk.stride(1) == 1 or dim == 1, "queries need a contiguous last dim"
         assert (counts_j is None) == (sums_jk is None) == (sse_1 is None)
         f32, f64 = torch.float32, torch.float64
-        status = function(
+        status = self._means(
             queries_nk.data_ptr(), num_queries, dim, queries_nk.stride(0),
-            address(minus_two_means_jk, f32, (num_means, dim)), address(means_sq_j, f32, (num_means,)), num_means,
-            address(index_n, torch.int64, (num_queries,)), address(distance_n, f32, (num_queries,)),
-            address(counts_j, f64, (num_means,)), address(sums_jk, f64, (num_means, dim)), address(sse_1, f64, (1,)),
+            _address(minus_two_means_jk, f32, (num_means, dim)), _address(means_sq_j, f32, (num_means,)), num_means,
+            _address(index_n, torch.int64, (num_queries,)), _address(distance_n, f32, (num_queries,)),
+            _address(counts_j, f64, (num_means,)), _address(sums_jk, f64, (num_means, dim)), _address(sse_1, f64, (1,)),
         )
         if status != 0:
             raise MemoryError("kvb_nearest_means: out of memory")
 
-    return nearest
+    def nearest_keys(self, queries_cik, keys_cjk, excluded_cj, topk: int, threads: int = 1):
+        """(index [c, i, t] int64, squared distance [c, i, t]) of every query's t nearest keys, nearest
+        first, ties to the smaller index. Queries: float32 CPU, last dim contiguous; keys contiguous;
+        excluded_cj (bool, or None): keys never to fetch."""
+        num_codebooks, num_queries, dim = queries_cik.shape
+        num_keys = keys_cjk.shape[1]
+        assert queries_cik.dtype == torch.float32 and (queries_cik.stride(2) == 1 or dim == 1)
+        _address(keys_cjk, torch.float32, (num_codebooks, num_keys, dim))
+        if excluded_cj is not None:
+            _address(excluded_cj, torch.bool, (num_codebooks, num_keys))
+        index = torch.empty(num_codebooks, num_queries, topk, dtype=torch.int64)
+        distance = torch.empty(num_codebooks, num_queries, topk)
+        stride_c, stride_i = queries_cik.stride(0), queries_cik.stride(1)
+
+        def part(c0: int, c1: int) -> Callable[[], int]:
+            return lambda: self._keys(
+                queries_cik[c0:].data_ptr(), c1 - c0, num_queries, dim, stride_c, stride_i, keys_cjk[c0].data_ptr(),
+                None if excluded_cj is None else excluded_cj[c0].data_ptr(), num_keys, topk, index[c0].data_ptr(), distance[c0].data_ptr(),
+            )
+
+        if num_codebooks and num_queries and any(self._parallel([part(*r) for r in _codebook_ranges(num_codebooks, threads)])):
+            raise MemoryError("kvb_nearest_keys: out of memory")
+        return index, distance
+
+    def ema_step_(self, keys_cjk, keys_avg_cjk, cluster_size_cj, hit_ids, hit_counts, hit_sums, decay: float,
+                  eps: float, threshold: float, replace_seed: int, first_codebook: int, queries_ick,
+                  threads: int = 1) -> int:
+        """The EMA step of codebooks [c] in place (see ema_step.c): hits as sorted flat pair ids with their
+        counts and query sums; dead pairs (cluster_size < threshold, if > 0) take heads of queries_ick
+        [global batch, c, k] (last dim contiguous). Returns the number of pairs replaced."""
+        num_codebooks, num_pairs, dim = keys_cjk.shape
+        if num_codebooks == 0:
+            return 0
+        for state in (keys_cjk, keys_avg_cjk):
+            _address(state, torch.float32, (num_codebooks, num_pairs, dim))
+        _address(cluster_size_cj, torch.float32, (num_codebooks, num_pairs))
+        num_hits = hit_ids.shape[0]
+        _address(hit_ids, torch.int64, (num_hits,))
+        _address(hit_counts, torch.float32, (num_hits,))
+        _address(hit_sums, torch.float32, (num_hits, dim))
+        assert queries_ick.dtype == torch.float32 and (queries_ick.stride(2) == 1 or dim == 1)
+        ranges = _codebook_ranges(num_codebooks, threads)
+        # Each thread's codebooks own a contiguous run of the sorted hits.
+        bounds = torch.searchsorted(hit_ids, torch.tensor([c0 * num_pairs for c0, _ in ranges] + [num_codebooks * num_pairs]))
+        rows = bounds.tolist()
+
+        def part(n: int) -> Callable[[], int]:
+            (c0, c1), h0, h1 = ranges[n], rows[n], rows[n + 1]
+            offset = c0 * num_pairs
+            ids = hit_ids[h0:h1] - offset if offset else hit_ids[h0:h1]
+            return lambda: self._ema(
+                keys_cjk[c0].data_ptr(), keys_avg_cjk[c0].data_ptr(), cluster_size_cj[c0].data_ptr(), c1 - c0, num_pairs,
+                dim, ids.data_ptr(), hit_counts[h0:].data_ptr(), hit_sums[h0:].data_ptr(), h1 - h0, decay, 1.0 - decay,
+                eps, threshold, replace_seed, first_codebook + c0, queries_ick[:, c0:].data_ptr(), queries_ick.shape[0],
+                queries_ick.stride(0), queries_ick.stride(1),
+            )
+
+        return sum(self._parallel([part(n) for n in range(len(ranges))]))
 
 
-def build() -> Callable:
-    """The kernel, from the cache or compiled into it (raises RuntimeError where it cannot be built)."""
+def build() -> NativeKernels:
+    """The kernels, from the cache or compiled into it (raises RuntimeError where they cannot be built)."""
     folder = cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass
     if os.access(folder, os.W_OK):
-        return _wrap(_build_in(folder))
+        return NativeKernels(_build_in(folder))
     temporary = tempfile.mkdtemp(prefix="kvb_dist_native_")
     try:
-        return _wrap(_build_in(Path(temporary)))
+        return NativeKernels(_build_in(Path(temporary)))
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # the loaded library stays mapped
 
 
-def fused_nearest_means() -> Optional[Callable]:
-    """The kernel (see _wrap), built once per process, or None where it cannot be built."""
+def native_kernels() -> Optional[NativeKernels]:
+    """The kernels, built once per process, or None where they cannot be built (or KVB_DIST_NATIVE=0)."""
     with _lock:
-        if "kernel" not in _loaded:
-            _loaded["kernel"] = None
+        if "kernels" not in _loaded:
+            _loaded["kernels"] = None
             if os.environ.get("KVB_DIST_NATIVE", "1") != "0":
                 try:
-                    _loaded["kernel"] = build()
+                    _loaded["kernels"] = build()
                 except RuntimeError as error:
-                    logger.warning("k-means uses GEMM + argmin (slower for narrow heads): cannot build %s: %s",
-                                   SOURCE.name, error)
-        return _loaded["kernel"]
+                    logger.warning("the CPU kernels fall back to torch (slower): cannot build %s: %s",
+                                   ", ".join(source.name for source in SOURCES), error)
+        return _loaded["kernels"]
+
+
+def fused_nearest_means() -> Optional[Callable]:
+    """k-means' kernel (NativeKernels.nearest_means), or None where it cannot be built."""
+    kernels = native_kernels()
+    return None if kernels is None else kernels.nearest_means

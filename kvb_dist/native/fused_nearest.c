@@ -1,14 +1,16 @@
-/* The k-means assignment for narrow heads, fused: for every query the nearest mean and the squared
- * distance |q|^2 + |m|^2 - 2 q.m to it, without writing the [queries, means] score matrix that a
- * GEMM would (for heads of dim 16 the GEMM's output traffic and the row argmin after it cost more
- * than the arithmetic).
+/* Nearest keys (means) fused: for every query the index of the best key(s) and the squared distance
+ * |q|^2 + |m|^2 - 2 q.m, without writing the [queries, keys] score matrix that a GEMM would (for
+ * narrow heads, dim 14 or 16, the GEMM's output traffic and the row arg-min after it cost more than
+ * the arithmetic). Two entry points share the inner loop:
+ *   kvb_nearest_means: k-means assignment of one codebook, optionally accumulating counts and sums;
+ *   kvb_nearest_keys:  the bottleneck's lookup over many codebooks, top-1 or top-t.
  *
- * Queries go in blocks of one SIMD vector (transposed on the fly); means go KEYS_PER_STEP at a time
+ * Queries go in blocks of one SIMD vector (transposed on the fly); keys go KEYS_PER_STEP at a time
  * so that enough independent FMA chains are in flight. Plain C with GCC/Clang vector extensions;
  * kvb_dist/native/build.py compiles it with -O3 -march=native on first use and caches the library.
  *
- * Ties go to the smallest index, as torch.argmin: means are visited in increasing order and only a
- * strictly smaller score replaces the best so far.
+ * Ties go to the smallest index, as torch.argmin: keys are visited in increasing order and only a
+ * strictly smaller score replaces (or, for top-t, goes before) one found earlier.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,37 +27,93 @@
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 
+/* Scores sq[j] + scale * (w[j] . q) of KEYS_PER_STEP keys from j on (or of one, count 1) for the
+ * LANES queries of block_t[d * LANES + lane]. */
+static inline void score_keys(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
+                              int64_t j, int count, vfloat *score) {
+    vfloat acc[KEYS_PER_STEP];
+    for (int u = 0; u < KEYS_PER_STEP; u++) acc[u] = (vfloat){};
+    if (count == KEYS_PER_STEP) {
+        for (int64_t d = 0; d < dim; d++) {
+            vfloat q;
+            memcpy(&q, block_t + d * LANES, sizeof q);
+            for (int u = 0; u < KEYS_PER_STEP; u++) acc[u] += w[(j + u) * dim + d] * q;
+        }
+    } else {
+        for (int64_t d = 0; d < dim; d++) {
+            vfloat q;
+            memcpy(&q, block_t + d * LANES, sizeof q);
+            for (int u = 0; u < count; u++) acc[u] += w[(j + u) * dim + d] * q;
+        }
+    }
+    for (int u = 0; u < count; u++) score[u] = sq[j + u] + scale * acc[u];
+}
+
 static inline void keep_better(vfloat score, int32_t index, vfloat *best, vint *best_index) {
-    vint better = score < *best;  /* all ones where strictly better */
+    vint better = score < *best; /* all ones where strictly better */
     *best = (vfloat)(((vint)*best & ~better) | ((vint)score & better));
     *best_index = (*best_index & ~better) | (((vint){} + index) & better);
 }
 
-/* One block of LANES queries, transposed: block_t[d * LANES + lane]. */
-static void nearest_in_block(const float *block_t, int64_t dim, const float *minus_two_means,
-                             const float *means_sq, int64_t num_means, vfloat *best, vint *best_index) {
+/* The best key of every query in a block: best[lane] (score) and best_index[lane]. */
+static void nearest_in_block(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
+                             int64_t num_keys, vfloat *best, vint *best_index) {
     *best = (vfloat){} + INFINITY;
     *best_index = (vint){};
-    int64_t j = 0;
-    for (; j + KEYS_PER_STEP <= num_means; j += KEYS_PER_STEP) {
-        vfloat score[KEYS_PER_STEP];
-        for (int u = 0; u < KEYS_PER_STEP; u++) score[u] = (vfloat){} + means_sq[j + u];
-        for (int64_t d = 0; d < dim; d++) {
-            vfloat q;
-            memcpy(&q, block_t + d * LANES, sizeof q);
-            for (int u = 0; u < KEYS_PER_STEP; u++) score[u] += minus_two_means[(j + u) * dim + d] * q;
-        }
-        for (int u = 0; u < KEYS_PER_STEP; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
+    vfloat score[KEYS_PER_STEP];
+    for (int64_t j = 0; j < num_keys; j += KEYS_PER_STEP) {
+        int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
+        score_keys(block_t, dim, w, sq, scale, j, count, score);
+        for (int u = 0; u < count; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
     }
-    for (; j < num_means; j++) {
-        vfloat score = (vfloat){} + means_sq[j];
-        for (int64_t d = 0; d < dim; d++) {
-            vfloat q;
-            memcpy(&q, block_t + d * LANES, sizeof q);
-            score += minus_two_means[j * dim + d] * q;
+}
+
+/* The t best keys of every query in a block, ascending by score: top[lane * t + r], top_index alike.
+ * A key enters only where it beats a lane's t-th best (rare after the first keys), by insertion. */
+static void topk_in_block(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
+                          int64_t num_keys, int64_t t, float *top, int64_t *top_index) {
+    vfloat worst = (vfloat){} + INFINITY;
+    for (int64_t r = 0; r < LANES * t; r++) top[r] = INFINITY, top_index[r] = 0;
+    vfloat score[KEYS_PER_STEP];
+    for (int64_t j = 0; j < num_keys; j += KEYS_PER_STEP) {
+        int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
+        score_keys(block_t, dim, w, sq, scale, j, count, score);
+        for (int u = 0; u < count; u++) {
+            vint enters = score[u] < worst;
+            vint any = enters;
+            int entered = 0;
+            for (int lane = 0; lane < LANES; lane++) entered |= any[lane];
+            if (!entered) continue;
+            for (int lane = 0; lane < LANES; lane++) {
+                if (!enters[lane]) continue;
+                float s = score[u][lane];
+                float *row = top + lane * t;
+                int64_t *row_index = top_index + lane * t;
+                int64_t p = t - 1;
+                while (p > 0 && s < row[p - 1]) { /* equal scores stay ahead: smaller index first */
+                    row[p] = row[p - 1];
+                    row_index[p] = row_index[p - 1];
+                    p--;
+                }
+                row[p] = s;
+                row_index[p] = j + u;
+                worst[lane] = row[t - 1];
+            }
         }
-        keep_better(score, (int32_t)j, best, best_index);
     }
+}
+
+/* Transposes up to LANES rows of dim floats (row i at rows + i * row_stride) into block_t, zero padded;
+ * their squared norms into query_sq. */
+static void load_block(const float *rows, int64_t count, int64_t dim, int64_t row_stride, float *block_t,
+                       float *query_sq) {
+    for (int lane = 0; lane < LANES; lane++) query_sq[lane] = 0.0f;
+    for (int64_t d = 0; d < dim; d++)
+        for (int lane = 0; lane < LANES; lane++) {
+            float x = lane < count ? rows[lane * row_stride + d] : 0.0f;
+            block_t[d * LANES + lane] = x;
+            query_sq[lane] += x * x;
+        }
 }
 
 /* queries: n rows of dim float32, row i at queries + i * row_stride; minus_two_means [num_means, dim]
@@ -71,16 +129,11 @@ int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_
     if (block_t == NULL) return -1;
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
         int64_t rows = n - i0 < LANES ? n - i0 : LANES;
-        float query_sq[LANES] = {0};
-        for (int64_t d = 0; d < dim; d++)
-            for (int lane = 0; lane < LANES; lane++) {
-                float x = lane < rows ? queries[(i0 + lane) * row_stride + d] : 0.0f;
-                block_t[d * LANES + lane] = x;
-                query_sq[lane] += x * x;
-            }
+        float query_sq[LANES];
+        load_block(queries + i0 * row_stride, rows, dim, row_stride, block_t, query_sq);
         vfloat best;
         vint best_index;
-        nearest_in_block(block_t, dim, minus_two_means, means_sq, num_means, &best, &best_index);
+        nearest_in_block(block_t, dim, minus_two_means, means_sq, 1.0f, num_means, &best, &best_index);
         for (int lane = 0; lane < rows; lane++) {
             int64_t j = best_index[lane];
             float squared = query_sq[lane] + best[lane];
@@ -95,5 +148,57 @@ int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_
         }
     }
     free(block_t);
+    return 0;
+}
+
+/* The bottleneck's lookup for codebooks 0 .. num_codebooks - 1: query i of codebook c at
+ * queries + c * codebook_stride + i * row_stride (dim contiguous floats); keys [c, num_keys, dim]
+ * contiguous; excluded [c, num_keys] (bytes, 1 = never fetch; NULL: none). Their squared norms are
+ * computed here, per codebook: 1 / n of the distance work, and one pass over the keys fewer.
+ * Writes the t nearest keys of every query, nearest first: index [c, n, t] (int64) and squared
+ * distance [c, n, t]. Returns 0, or -1 when out of memory. */
+int kvb_nearest_keys(const float *queries, int64_t num_codebooks, int64_t n, int64_t dim, int64_t codebook_stride,
+                     int64_t row_stride, const float *keys, const uint8_t *excluded, int64_t num_keys, int64_t t,
+                     int64_t *index, float *distance) {
+    float *block_t = malloc(sizeof(float) * LANES * (size_t)dim);
+    float *sq = malloc(sizeof(float) * (size_t)num_keys);
+    float *top = t > 1 ? malloc(sizeof(float) * LANES * (size_t)t) : NULL;
+    int64_t *top_index = t > 1 ? malloc(sizeof(int64_t) * LANES * (size_t)t) : NULL;
+    if (block_t == NULL || sq == NULL || (t > 1 && (top == NULL || top_index == NULL))) {
+        free(block_t), free(sq), free(top), free(top_index);
+        return -1;
+    }
+    for (int64_t c = 0; c < num_codebooks; c++) {
+        const float *w = keys + c * num_keys * dim;
+        for (int64_t j = 0; j < num_keys; j++) {
+            float norm = 0.0f;
+            for (int64_t d = 0; d < dim; d++) norm += w[j * dim + d] * w[j * dim + d];
+            sq[j] = excluded != NULL && excluded[c * num_keys + j] ? INFINITY : norm;
+        }
+        for (int64_t i0 = 0; i0 < n; i0 += LANES) {
+            int64_t rows = n - i0 < LANES ? n - i0 : LANES;
+            float query_sq[LANES];
+            load_block(queries + c * codebook_stride + i0 * row_stride, rows, dim, row_stride, block_t, query_sq);
+            int64_t *out_index = index + (c * n + i0) * t;
+            float *out_distance = distance + (c * n + i0) * t;
+            if (t == 1) {
+                vfloat best;
+                vint best_index;
+                nearest_in_block(block_t, dim, w, sq, -2.0f, num_keys, &best, &best_index);
+                for (int lane = 0; lane < rows; lane++) {
+                    out_index[lane] = best_index[lane];
+                    out_distance[lane] = query_sq[lane] + best[lane];
+                }
+            } else {
+                topk_in_block(block_t, dim, w, sq, -2.0f, num_keys, t, top, top_index);
+                for (int lane = 0; lane < rows; lane++)
+                    for (int64_t r = 0; r < t; r++) {
+                        out_index[lane * t + r] = top_index[lane * t + r];
+                        out_distance[lane * t + r] = query_sq[lane] + top[lane * t + r];
+                    }
+            }
+        }
+    }
+    free(block_t), free(sq), free(top), free(top_index);
     return 0;
 }

@@ -48,10 +48,18 @@ def to_heads(splitter: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
         return splitter(features[:, None, :])[:, :, 0, :]
 
 
-def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyValueBottleneck:
-    """The launcher's bottleneck: sparse value gradients, so a step touches only fetched rows."""
+def build_bottleneck(
+    config, layout, init_mode: str = "random", *, device=None, from_checkpoint: bool = False
+) -> ShardedKeyValueBottleneck:
+    """The launcher's bottleneck on `device` (default CPU): sparse value gradients, so a step
+    touches only fetched rows. Collective (every rank builds it together).
+
+    from_checkpoint: the caller fills every tensor from a checkpoint right after (a DCP load of
+    `sharded_state_dict()`), so nothing is drawn or initialized: the module is built on the meta
+    device and materialized uninitialized on `device`. Otherwise its state is drawn on `device`.
+    """
     b = config.bottleneck
-    return ShardedKeyValueBottleneck(
+    module = ShardedKeyValueBottleneck(
         b.num_codebooks,
         b.key_value_pairs_per_codebook,
         b.dim_keys,
@@ -65,4 +73,6 @@ def build_bottleneck(config, layout, init_mode: str = "random") -> ShardedKeyVal
         layout=layout,
         seed=config.run.seed,
         sparse_values=True,
+        device="meta" if from_checkpoint else device,
     )
+    return module.to_empty(device=device if device is not None else "cpu") if from_checkpoint else module

@@ -48,7 +48,7 @@ def run(ctx) -> None:
         )
     num_channels = int(index.feature_shape[-1])
     splitter = build_splitter(config, num_channels).to(ctx.device)
-    bottleneck = build_bottleneck(config, layout).to(ctx.device)
+    bottleneck = build_bottleneck(config, layout, device=ctx.device)  # drawn there, not on the host
     method = config.init.method
     in_memory = index.num_samples * math.prod(index.feature_shape) * 4 / layout.world_size < IN_MEMORY_BYTES
     sse, skipped = [], 0

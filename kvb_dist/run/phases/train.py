@@ -149,8 +149,9 @@ class BottleneckLearner:
         self.ctx = ctx
         config = ctx.config
         self.splitter = builders.build_splitter(config, train["features"].shape[1]).to(ctx.device)
-        self.bottleneck = builders.build_bottleneck(config, ctx.layout).to(ctx.device)
-        init_checkpoints.load_(builders.init_tensors(self.splitter, self.bottleneck))  # this rank's codebooks only
+        # Every tensor comes from the initialize checkpoint (this rank's codebooks only): nothing is drawn first.
+        self.bottleneck = builders.build_bottleneck(config, ctx.layout, device=ctx.device, from_checkpoint=True)
+        init_checkpoints.load_(builders.init_tensors(self.splitter, self.bottleneck))
         self.bottleneck.freeze_keys()
         if config.bottleneck.values_init == "zeros":
             with torch.no_grad():
