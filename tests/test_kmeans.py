@@ -3,6 +3,7 @@ reference Lloyd, and 2 / 3 gloo ranks over split shards against one process over
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import threading
@@ -223,12 +224,36 @@ def test_fused_kernel_falls_back_without_a_compiler(monkeypatch, caplog):
     monkeypatch.setattr(native, "_loaded", {})  # as in a fresh process
     with caplog.at_level("WARNING", logger="kvb_dist.native.build"):
         assert native.fused_nearest_means() is None
-    assert "GEMM" in caplog.text
+    # A warning that names the build failure (its wording belongs to kvb_dist.native.build).
+    assert any(r.levelname == "WARNING" and "nonexistent" in r.getMessage() for r in caplog.records)
     # k-means still runs, on the fallback.
     x = blobs(64)
     result = streaming_kmeans(InMemoryBatches(x, 16), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS), num_iters=2,
                               max_points_per_centroid=None)
     assert torch.isfinite(result.means).all() and len(result.sse_history) == 2
+
+
+def test_assignment_chunks_follow_the_device(monkeypatch):
+    """CPU: cache-sized chunks (ASSIGN_CHUNK_ELEMENTS); GPU: a sixteenth of the free memory, within
+    [1 << 22, 1 << 30] distances (4096+ queries per GEMM at J = 65536 instead of 16); and
+    streaming_kmeans takes its default from there."""
+    assert kmeans_module.assign_chunk_elements(torch.device("cpu")) == kmeans_module.ASSIGN_CHUNK_ELEMENTS
+    free = {"bytes": 80 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 << 30))
+    assert kmeans_module.assign_chunk_elements(torch.device("cuda", 0)) == 1 << 30
+    free["bytes"] = 4 << 30
+    assert kmeans_module.assign_chunk_elements("cuda") == (4 << 30) // 64
+    free["bytes"] = 1 << 20
+    assert kmeans_module.assign_chunk_elements("cuda") == 1 << 22
+    asked, used = [], []
+    monkeypatch.setattr(kmeans_module, "assign_chunk_elements", lambda device: asked.append(device) or 1234)
+    real = kmeans_module.accumulate_assignments_
+    monkeypatch.setattr(kmeans_module, "accumulate_assignments_",
+                        lambda *args: used.append(args[5]) or real(*args))
+    streaming_kmeans(InMemoryBatches(blobs(64), 32), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS), num_iters=1)
+    assert asked == [torch.device("cpu")] and used and set(used) == {1234}
+    with pytest.raises(ValueError, match="chunk_elements"):
+        streaming_kmeans(InMemoryBatches(blobs(64), 32), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS), chunk_elements=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +281,9 @@ def test_streaming_kmeans_matches_reference_lloyd_and_any_batching(assignment_ke
 def test_sample_cap_init_and_early_stop():
     x = blobs(500)
     result = streaming_kmeans(InMemoryBatches(x, 64), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS),
-                              num_iters=6, max_points_per_centroid=20)
+                              num_iters=6, max_points_per_centroid=20, keep_initial_means=True)
+    assert streaming_kmeans(InMemoryBatches(x, 64), PAIRS, to_heads=ChunkHeads(NUM_CODEBOOKS), num_iters=1,
+                            max_points_per_centroid=20).initial_means is None  # by default: no copy of the means
     cap = 20 * PAIRS
     assert result.num_queries == 500 and result.num_training_queries == cap
     assert torch.equal(result.counts.sum(1), torch.full((NUM_CODEBOOKS,), float(cap)))
@@ -342,16 +369,51 @@ KMEANS_RUNS = {
 
 def run_kmeans(folder, layout, rank, world_size, batch_size, **args):
     stream = ShardStream(folder, batch_size=batch_size, rank=rank, world_size=world_size, seed=4)
-    return kmeans_from_stream(stream, PAIRS, layout, to_heads=ChunkHeads(NUM_CODEBOOKS), seed=9, **args)
+    return kmeans_from_stream(stream, PAIRS, layout, to_heads=ChunkHeads(NUM_CODEBOOKS), seed=9,
+                              keep_initial_means=True, **args)
+
+
+# Sampling-pass memory probe: a rank's share of codebooks fixed, the number of codebooks it does
+# not hold varied. The sample of one rank's codebooks is 4 x 8192 x 64 floats = 8 MiB.
+PROBE = dict(codebooks_per_rank=4, dim=64, sample=8192, samples_per_rank=8192, batch=128)
+
+
+def probe_data(rank, num_codebooks):
+    """This rank's batches of random heads, made per batch (see kvb_dist.bench.scale.RandomHeads)."""
+    from kvb_dist.bench.scale import RandomHeads
+
+    per_rank = PROBE["samples_per_rank"]
+    return RandomHeads(per_rank, num_codebooks, PROBE["dim"], PROBE["batch"], first_id=rank * per_rank)
+
+
+def sampling_memory_probe(layout, rank, num_codebooks):
+    """(shape of the sample this rank holds, its bytes, growth of this process's peak RSS during
+    the sampling pass and merge, the codebook range held)."""
+    from kvb_dist.bench.core import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+    data = probe_data(rank, num_codebooks)
+    gc.collect()
+    measured = reset_peak_rss()
+    before = current_rss_bytes()
+    plan = kmeans_module._sampling_plan(data, kmeans_module._identity, layout, 3, PROBE["sample"], PROBE["sample"],
+                                        None, torch.device("cpu"))
+    grown = peak_rss_bytes() - before if measured else None
+    sample = plan.sample
+    return dict(shape=tuple(sample.shape), bytes=sample.numel() * sample.element_size(), grown=grown,
+                range=layout.codebook_range(num_codebooks), first_rows=sample[:, :3].clone())
 
 
 def kmeans_worker(rank, world_size, folder):
     from kvb_dist.distributed.layout import ParallelLayout
     from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 
-    out = {}
+    layouts = {num_shards: ParallelLayout.build(num_shards) for num_shards in (1, world_size)}
+    # First, while this process has allocated little: C codebooks on every rank (all replicas),
+    # then world_size x C codebooks sharded over all ranks (the same C per rank).
+    out = {"probe": [sampling_memory_probe(layouts[1], rank, PROBE["codebooks_per_rank"]),
+                     sampling_memory_probe(layouts[world_size], rank, world_size * PROBE["codebooks_per_rank"])]}
     for num_shards in (world_size, 1):  # codebooks sharded over all ranks; all ranks replicas
-        layout = ParallelLayout.build(num_shards)
+        layout = layouts[num_shards]
         for name, args in KMEANS_RUNS.items():
             result = run_kmeans(folder, layout, rank, world_size, batch_size=16 + 7 * rank, **args)
             # Each rank hands its codebooks to its part of the sharded bottleneck.
@@ -399,3 +461,30 @@ def test_kmeans_on_ranks_equals_one_process(tmp_path, world_size):
             assert o["splits"] == single.num_split
     assert single.num_split >= 4 * NUM_CODEBOOKS  # the "split" run did split (the last one run)
     assert math.isclose(float(single.counts.sum()), NUM_CODEBOOKS * single.num_training_queries)
+    check_sampling_memory(results, world_size)
+
+
+def check_sampling_memory(results, world_size):
+    """A rank holds the sample of its own codebooks only, [C_mine, L, k], in the merge and after
+    it: its memory does not grow with the codebooks other ranks hold."""
+    per_rank, length, dim = PROBE["codebooks_per_rank"], PROBE["sample"], PROBE["dim"]
+    for rank, r in enumerate(results):
+        replicated, sharded = r["probe"]
+        assert replicated["shape"] == sharded["shape"] == (per_rank, length, dim)
+        assert sharded["range"] == (rank * per_rank, (rank + 1) * per_rank)
+        if replicated["grown"] is not None:  # /proc/self/clear_refs writable (Linux >= 4.0)
+            # A sample of all codebooks ([C, L, k] on every rank, as before) adds (world_size - 1) x 8 MiB, twice.
+            assert sharded["grown"] - replicated["grown"] < 0.5 * sharded["bytes"], (replicated, sharded)
+            assert sharded["grown"] < 3 * sharded["bytes"], sharded
+    # All replicas hold the same sample; its first rows are the queries of smallest priority,
+    # of the owner's codebooks.
+    for r in results:
+        assert torch.equal(r["probe"][0]["first_rows"], results[0]["probe"][0]["first_rows"])
+    ids = torch.arange(world_size * PROBE["samples_per_rank"])
+    first_ids = ids[query_priorities(3, ids, 1).argsort()[:3]].tolist()
+    rows = {int(i): h for rank in range(world_size) for x, batch_ids in probe_data(rank, world_size * per_rank)
+            for h, i in zip(x, batch_ids) if int(i) in first_ids}
+    first = torch.stack([rows[i] for i in first_ids])  # [3, C, k]
+    for r in results:
+        start, stop = r["probe"][1]["range"]
+        assert torch.equal(r["probe"][1]["first_rows"], first[:, start:stop].transpose(0, 1))

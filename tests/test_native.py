@@ -38,7 +38,7 @@ def test_a_wrapper_in_cc_builds_a_working_kernel(monkeypatch, tmp_path):
     queries = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
     means = torch.tensor([[0.0, 0.1], [3.0, 2.9], [9.0, 9.0]])
     index, distance = torch.empty(2, dtype=torch.int64), torch.empty(2)
-    kernel.nearest_means(queries, (-2 * means).contiguous(), means.pow(2).sum(1), index, distance)
+    kernel.nearest_means(queries, means, index, distance)
     assert index.tolist() == [0, 1]
 
 
@@ -154,3 +154,18 @@ def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
     if threshold > 0:  # the same query drawn for every replaced pair: the same key exactly
         replaced_pairs = native_state[2] == threshold
         assert torch.equal(native_state[0][replaced_pairs], torch_state[0][replaced_pairs])
+
+
+@needs_kernels
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_the_lookup_threads_work_in_a_forked_child():
+    queries, keys = torch.randn(4, 20, 6), torch.randn(4, 50, 6)
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the kernels use no pool")
+    expected, _ = codebook.nearest_keys(queries, keys)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: a pool inherited without threads would hang here
+        os._exit(0 if torch.equal(codebook.nearest_keys(queries, keys)[0], expected) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

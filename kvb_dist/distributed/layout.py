@@ -312,6 +312,29 @@ class ParallelLayout:
         routed.owned_cik = torch.cat([p.view(stop - start, q, dim) for p, q in zip(parts, peers)], dim=1)
         return routed
 
+    def route_to_owners_by_peer(self, heads_cik: torch.Tensor, queries_per_rank: Optional[Sequence[int]] = None
+                                ) -> List[torch.Tensor]:
+        """route_to_owners without its concatenation: the heads [C_mine, q, k] that each rank of my
+        shard group sends for the codebooks I hold, in mesh order (views of one received buffer).
+
+        For consumers that take the blocks one by one (k-means statistics): it spares a copy of
+        the routed batch. Not differentiable. Every rank of the shard group calls it together.
+        """
+        num_codebooks, local, dim = heads_cik.shape
+        if queries_per_rank is None:
+            queries_per_rank = self.queries_per_rank(local)
+        if self.shard_group is None:
+            return [heads_cik]
+        peers = self.shard_peers(queries_per_rank)
+        ranges = self.codebook_ranges(num_codebooks)
+        start, stop = ranges[self.shard_index]
+        send = heads_cik.contiguous().reshape(-1)  # codebook-major: each owner's rows are contiguous
+        send_splits = [(b - a) * local * dim for a, b in ranges]
+        recv_splits = [(stop - start) * q * dim for q in peers]
+        received = send.new_empty(sum(recv_splits))
+        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.shard_group)
+        return [part.view(stop - start, q, dim) for part, q in zip(received.split(recv_splits), peers)]
+
     def route_back(self, owned_ci_rest: torch.Tensor, num_codebooks: int, peer_queries: Sequence[int]) -> torch.Tensor:
         """Inverse of route_to_owners for results: [C_mine, I, *rest] -> [C, i, *rest] for my samples.
 

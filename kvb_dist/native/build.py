@@ -137,7 +137,7 @@ class NativeKernels:
     def __init__(self, library: ctypes.CDLL):
         pointer, int64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         self._means = library.kvb_nearest_means
-        self._means.argtypes = [pointer, int64, int64, int64, pointer, pointer, int64, pointer, pointer, pointer, pointer, pointer]
+        self._means.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer, pointer, pointer]
         self._means.restype = ctypes.c_int
         self._keys = library.kvb_nearest_keys
         self._keys.argtypes = [pointer, int64, int64, int64, int64, int64, pointer, pointer, int64, int64, pointer, pointer]
@@ -147,27 +147,29 @@ class NativeKernels:
                               f32, f32, f32, f32, int64, int64, pointer, int64, int64, int64]
         self._ema.restype = int64
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_pid = os.getpid()
 
     def _parallel(self, calls: List[Callable[[], Any]]) -> List[Any]:
         """Runs the calls on this thread and the pool's; their results in order."""
-        if len(calls) > 1 and (self._pool is None or self._pool._max_workers < len(calls) - 1):
-            self._pool = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="kvb_native")
+        # A forked child inherits the pool object but not its threads: it makes its own.
+        if len(calls) > 1 and (self._pool is None or self._pool._max_workers < len(calls) - 1 or self._pool_pid != os.getpid()):
+            self._pool, self._pool_pid = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="kvb_native"), os.getpid()
         others = [self._pool.submit(call) for call in calls[1:]]
         return [calls[0](), *(future.result() for future in others)]
 
-    def nearest_means(self, queries_nk, minus_two_means_jk, means_sq_j, index_n=None, distance_n=None,
+    def nearest_means(self, queries_nk, means_jk, index_n=None, distance_n=None,
                       counts_j=None, sums_jk=None, sse_1=None) -> None:
         """Every query's nearest mean (one codebook): writes index_n (int64) and distance_n (squared),
         and/or adds the queries to counts_j, sums_jk and sse_1 (float64). Queries: float32 CPU rows
         with a contiguous last dim; the rest contiguous."""
-        (num_queries, dim), num_means = queries_nk.shape, minus_two_means_jk.shape[0]
+        (num_queries, dim), num_means = queries_nk.shape, means_jk.shape[0]
         assert queries_nk.device.type == "cpu" and queries_nk.dtype == torch.float32
         assert queries_nk.stride(1) == 1 or dim == 1, "queries need a contiguous last dim"
         assert (counts_j is None) == (sums_jk is None) == (sse_1 is None)
         f32, f64 = torch.float32, torch.float64
         status = self._means(
             queries_nk.data_ptr(), num_queries, dim, queries_nk.stride(0),
-            _address(minus_two_means_jk, f32, (num_means, dim)), _address(means_sq_j, f32, (num_means,)), num_means,
+            _address(means_jk, f32, (num_means, dim)), num_means,
             _address(index_n, torch.int64, (num_queries,)), _address(distance_n, f32, (num_queries,)),
             _address(counts_j, f64, (num_means,)), _address(sums_jk, f64, (num_means, dim)), _address(sse_1, f64, (1,)),
         )

@@ -27,7 +27,7 @@
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 
-/* Scores sq[j] + scale * (w[j] . q) of KEYS_PER_STEP keys from j on (or of one, count 1) for the
+/* Scores sq[j] + scale * (w[j] . q) (scale -2: the squared distance less |q|^2) of KEYS_PER_STEP keys from j on (or of one, count 1) for the
  * LANES queries of block_t[d * LANES + lane]. */
 static inline void score_keys(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
                               int64_t j, int count, vfloat *score) {
@@ -116,24 +116,38 @@ static void load_block(const float *rows, int64_t count, int64_t dim, int64_t ro
         }
 }
 
-/* queries: n rows of dim float32, row i at queries + i * row_stride; minus_two_means [num_means, dim]
- * (-2 x the means) and means_sq [num_means] (their squared norms), float32 row-major.
+/* Squared norms [num_keys] of keys [num_keys, dim], +inf where excluded[j] (if not NULL). */
+static void key_norms(const float *keys, int64_t num_keys, int64_t dim, const uint8_t *excluded, float *sq) {
+    for (int64_t j = 0; j < num_keys; j++) {
+        float norm = 0.0f;
+        for (int64_t d = 0; d < dim; d++) norm += keys[j * dim + d] * keys[j * dim + d];
+        sq[j] = excluded != NULL && excluded[j] ? INFINITY : norm;
+    }
+}
+
+/* queries: n rows of dim float32, row i at queries + i * row_stride; means [num_means, dim] float32
+ * row-major (their norms are computed here: 1 / n of the distance work, and no [num_means, dim]
+ * copy such as -2 x means for the caller to make per batch).
  * Writes, where the pointer is not NULL: index [n] (int64) and distance [n] of every query's nearest
  * mean. Adds, where counts is not NULL (sums and sse then too): 1 to counts [num_means], the query
  * to sums [num_means, dim] and its distance (clamped at 0: it may round below) to *sse, in double.
  * Returns 0, or -1 when out of memory. */
-int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_stride,
-                      const float *minus_two_means, const float *means_sq, int64_t num_means,
-                      int64_t *index, float *distance, double *counts, double *sums, double *sse) {
+int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_stride, const float *means,
+                      int64_t num_means, int64_t *index, float *distance, double *counts, double *sums, double *sse) {
     float *block_t = malloc(sizeof(float) * LANES * (size_t)dim);
-    if (block_t == NULL) return -1;
+    float *sq = malloc(sizeof(float) * (size_t)num_means);
+    if (block_t == NULL || sq == NULL) {
+        free(block_t), free(sq);
+        return -1;
+    }
+    key_norms(means, num_means, dim, NULL, sq);
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
         int64_t rows = n - i0 < LANES ? n - i0 : LANES;
         float query_sq[LANES];
         load_block(queries + i0 * row_stride, rows, dim, row_stride, block_t, query_sq);
         vfloat best;
         vint best_index;
-        nearest_in_block(block_t, dim, minus_two_means, means_sq, 1.0f, num_means, &best, &best_index);
+        nearest_in_block(block_t, dim, means, sq, -2.0f, num_means, &best, &best_index);
         for (int lane = 0; lane < rows; lane++) {
             int64_t j = best_index[lane];
             float squared = query_sq[lane] + best[lane];
@@ -147,7 +161,7 @@ int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_
             }
         }
     }
-    free(block_t);
+    free(block_t), free(sq);
     return 0;
 }
 
@@ -170,11 +184,7 @@ int kvb_nearest_keys(const float *queries, int64_t num_codebooks, int64_t n, int
     }
     for (int64_t c = 0; c < num_codebooks; c++) {
         const float *w = keys + c * num_keys * dim;
-        for (int64_t j = 0; j < num_keys; j++) {
-            float norm = 0.0f;
-            for (int64_t d = 0; d < dim; d++) norm += w[j * dim + d] * w[j * dim + d];
-            sq[j] = excluded != NULL && excluded[c * num_keys + j] ? INFINITY : norm;
-        }
+        key_norms(w, num_keys, dim, excluded == NULL ? NULL : excluded + c * num_keys, sq);
         for (int64_t i0 = 0; i0 < n; i0 += LANES) {
             int64_t rows = n - i0 < LANES ? n - i0 : LANES;
             float query_sq[LANES];
