@@ -249,23 +249,8 @@ def assignment_statistics(queries_cik: torch.Tensor, indices_ci: torch.Tensor, n
     return pair_counts(indices_ci, num_pairs), sums.view(num_codebooks, num_pairs, dim)
 
 
-def hit_statistics(queries_cik: torch.Tensor, indices_ci: torch.Tensor, num_pairs: int):
-    """The pairs hit, as flat ids into c * j (sorted), with their counts [n] and query sums [n, k].
-
-    What a sum over the holders of these codebooks needs to send: O(queries) rows, whatever J
-    is. `scatter_statistics` turns (concatenated) hits back into assignment_statistics' tensors.
-    """
-    num_codebooks, _, dim = queries_cik.shape
-    offsets = torch.arange(num_codebooks, device=queries_cik.device)[:, None] * num_pairs
-    ids, inverse = torch.unique((indices_ci + offsets).reshape(-1), return_inverse=True)
-    counts = torch.bincount(inverse, minlength=ids.numel()).to(torch.float32)
-    sums = torch.zeros(ids.numel(), dim, dtype=torch.float32, device=queries_cik.device)
-    sums.index_add_(0, inverse, queries_cik.reshape(-1, dim))
-    return ids, counts, sums
-
-
 def scatter_statistics(ids: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, num_codebooks: int, num_pairs: int):
-    """Dense counts [c, j] and sums [c, j, k] from hit rows; rows of a repeated id add up in order."""
+    """Dense counts [c, j] and sums [c, j, k] from rows (flat pair ids into c * j); rows of a repeated id add up in order."""
     dense_counts = torch.zeros(num_codebooks * num_pairs, dtype=torch.float32, device=sums.device)
     dense_sums = torch.zeros(num_codebooks * num_pairs, sums.shape[-1], dtype=torch.float32, device=sums.device)
     dense_counts.index_add_(0, ids, counts)
@@ -299,48 +284,50 @@ def ema_step_(
     keys_cjk: torch.Tensor,
     keys_avg_cjk: torch.Tensor,
     cluster_size_cj: torch.Tensor,
-    hits: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    queries_ick: torch.Tensor,
+    indices_ic: torch.Tensor,
     decay: float,
     eps: float,
     threshold: float,
     replace_seed: torch.Tensor,
     first_codebook: int,
-    queries_ick: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """The EMA step of these codebooks in place; the number of pairs replaced (a 0-dim tensor).
 
-    hits: (flat pair ids into c * j, counts, query sums) as hit_statistics gives them, rows of
-    several holders concatenated in any order. ema_update_ with the hits, then dead-pair
-    replacement: every pair with cluster_size < threshold (if threshold > 0) takes the head of
-    query `counter_randint(replace_seed, num_queries, codebook id, pair)` of the global batch
-    queries_ick [num_queries, c, k] and restarts as if `threshold` queries equal to its new key
-    had chosen it (keys_avg = key x threshold), so the next EMA step does not pull it back.
+    queries_ick [i, c, k]: the global batch's heads for these codebooks, indices_ic [i, c]: the
+    pair each chose. ema_update_ with their counts and sums (a pair's queries added in batch
+    order: any split of the batch, gathered in order, gives the same keys bit for bit), then
+    dead-pair replacement: every pair with cluster_size < threshold (if threshold > 0) takes the
+    head of query `counter_randint(replace_seed, i, codebook id, pair)` and restarts as if
+    `threshold` queries equal to its new key had chosen it (keys_avg = key x threshold), so the
+    next EMA step does not pull it back.
 
-    On the CPU the native kernel does all of it in one pass over the state; elsewhere torch does,
-    without host syncs (the replacement is a masked select over all pairs, so a GPU never waits
-    for a count of dead pairs).
+    On the CPU the native kernel does all of it in one pass over each codebook's state;
+    elsewhere torch does, without host syncs (the replacement is a masked select over all
+    pairs, so a GPU never waits for a count of dead pairs).
     """
     num_codebooks, num_pairs, dim = keys_cjk.shape
-    ids, counts, sums = hits
-    native = _native_for(keys_cjk, keys_avg_cjk)
+    num_queries = queries_ick.shape[0]
+    native = _native_for(queries_ick, keys_cjk)
     if native is not None and all(t.is_contiguous() for t in (keys_cjk, keys_avg_cjk, cluster_size_cj)):
-        ids, order = ids.sort(stable=True)  # the kernel merges hits in id order; repeats add up in order
-        if threshold > 0 and queries_ick.stride(-1) != 1:
-            queries_ick = queries_ick.contiguous()
+        queries = queries_ick if queries_ick.stride(-1) == 1 else queries_ick.contiguous()
         replaced = native.ema_step_(
-            keys_cjk, keys_avg_cjk, cluster_size_cj, ids, counts[order].contiguous(), sums[order].contiguous(),
-            decay, eps, threshold, int(replace_seed), first_codebook, queries_ick if threshold > 0 else keys_cjk[:0],
-            threads=torch.get_num_threads(),
+            keys_cjk, keys_avg_cjk, cluster_size_cj, queries, indices_ic, decay, eps, threshold,
+            int(replace_seed), first_codebook, threads=torch.get_num_threads(),
         )
         return torch.tensor(replaced)
-    dense_counts, dense_sums = scatter_statistics(ids, counts, sums, num_codebooks, num_pairs)
-    ema_update_(keys_cjk, keys_avg_cjk, cluster_size_cj, dense_counts, dense_sums, decay, eps)
+    codebooks = torch.arange(num_codebooks, device=keys_cjk.device)
+    flat_ids = (indices_ic + codebooks * num_pairs).transpose(0, 1).reshape(-1)  # codebook-major, batch order
+    counts, sums = scatter_statistics(
+        flat_ids, torch.ones(flat_ids.shape, device=keys_cjk.device), queries_ick.transpose(0, 1).reshape(-1, dim),
+        num_codebooks, num_pairs,
+    )
+    ema_update_(keys_cjk, keys_avg_cjk, cluster_size_cj, counts, sums, decay, eps)
     if threshold <= 0:
         return torch.zeros((), dtype=torch.int64, device=keys_cjk.device)
     dead_cj = cluster_size_cj < threshold
-    codebooks = torch.arange(num_codebooks, device=keys_cjk.device)
     wanted_cj = counter_randint(
-        replace_seed, queries_ick.shape[0], codebooks[:, None] + first_codebook, torch.arange(num_pairs, device=keys_cjk.device)
+        replace_seed, num_queries, codebooks[:, None] + first_codebook, torch.arange(num_pairs, device=keys_cjk.device)
     )
     new_keys_cjk = queries_ick[wanted_cj, codebooks[:, None]]
     keys_cjk.copy_(torch.where(dead_cj[..., None], new_keys_cjk, keys_cjk))

@@ -23,7 +23,6 @@ from torch import nn
 
 from kvb_dist.codebook import (
     Reduce,
-    hit_statistics,
     counter_hash,
     counter_randint,
     ema_step_,
@@ -366,9 +365,7 @@ class KeyValueBottleneck(nn.Module):
         With sparse_values the gradient of `values` is a sparse COO tensor holding only these
         rows, for torch.optim.SGD, SparseAdam and Adagrad, which then touch nothing else.
         """
-        if self.sparse_values:
-            return _FetchRows.apply(self.values, flat_indices)
-        return F.embedding(flat_indices, self.values.reshape(-1, self.dim_values))
+        return _FetchRows.apply(self.values, flat_indices, self.sparse_values)
 
     def indices_problem(self, indices) -> Optional[str]:
         """Why indices is not valid input for values_at, or None."""
@@ -445,14 +442,13 @@ class KeyValueBottleneck(nn.Module):
 
         if learning:
             if num_global_queries > 0:  # the same on every holder: all make the same collectives
-                # Hit rows of every holder of these codebooks, not dense [c, j, k] tensors, travel.
-                hits = self._gathered_over_holders(*hit_statistics(detached, indices[..., 0], num_pairs))
+                # The holders' queries and indices, gathered in batch order: O(batch x c x k) travels, whatever J is.
+                batch_ick, indices_ic = self._gathered_over_holders(detached.transpose(0, 1), indices[..., 0].transpose(0, 1))
                 self.num_replaced_pairs += ema_step_(
-                    self.keys, self.keys_avg, self.cluster_size, hits, self.decay, self.eps,
+                    self.keys, self.keys_avg, self.cluster_size, batch_ick, indices_ic, self.decay, self.eps,
                     self.threshold_ema_dead_code,
                     replace_seed=counter_hash(seed, torch.tensor(_TAG_REPLACE), step),
                     first_codebook=self.first_codebook,
-                    queries_ick=self._global_batch(detached) if self.threshold_ema_dead_code > 0 else None,
                 ).to(self.num_replaced_pairs.device)
         elif self.count_cluster_size:
             self._count_usage_(indices)
@@ -474,21 +470,12 @@ class KeyValueBottleneck(nn.Module):
         self.cluster_size_counter.view(-1).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
 
     def _gathered_over_holders(self, *rows: torch.Tensor):
-        """Row tensors of every holder of these codebooks, concatenated (here the only holder).
+        """Row tensors of every holder of these codebooks, concatenated in batch order (here the only holder).
 
-        The sharded module gathers them over its replica group: what makes sums of hit rows, not
-        of [c, j] tensors, travel.
+        The sharded module gathers them over its replica group: rows of the batch travel (queries,
+        indices), never [c, j] tensors.
         """
         return rows
-
-    def _global_batch(self, queries_cik: torch.Tensor) -> torch.Tensor:
-        """The global batch's queries [num_global_queries, c, k] for these codebooks, in query-id order.
-
-        Dead pairs take their new keys from it. Holders of these codebooks see disjoint,
-        consecutive blocks of the batch: concatenating theirs moves O(batch x c x k), whatever J is.
-        """
-        (batch,) = self._gathered_over_holders(queries_cik.transpose(0, 1))
-        return batch
 
     def _kmeans_init_(self, queries_cik, first_query_id: int, num_global_queries: int, reduce_sum: Reduce):
         """init_mode="kmeans": fit keys on the first (global) batch, with EMA state that derives them."""
@@ -638,25 +625,30 @@ class KeyValueBottleneck(nn.Module):
 
 
 class _FetchRows(torch.autograd.Function):
-    """Rows of values [c, j, v] at flat indices into c * j; the gradient is sparse over (c, j).
+    """Rows of values [c, j, v] at flat indices into c * j.
 
-    A hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry per fetched row, not
-    coalesced: optimizers coalesce, and a replica sum concatenates before it does.
+    sparse: the gradient is a hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry
+    per fetched row, not coalesced: optimizers coalesce, and a replica sum concatenates before it
+    does. Dense: the rows' gradients added into zeros by index_add_ (in order, deterministic),
+    several times faster on the CPU than F.embedding's backward, which sorts the indices first.
     """
 
     @staticmethod
-    def forward(ctx, values_cjv: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, values_cjv: torch.Tensor, flat_indices: torch.Tensor, sparse: bool) -> torch.Tensor:
         ctx.save_for_backward(flat_indices)
-        ctx.values_shape = values_cjv.shape
+        ctx.values_shape, ctx.sparse = values_cjv.shape, sparse
         return F.embedding(flat_indices, values_cjv.reshape(-1, values_cjv.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (flat,) = ctx.saved_tensors
         num_codebooks, num_pairs, dim = ctx.values_shape
-        flat = flat.reshape(-1)
+        flat, rows_grad = flat.reshape(-1), grad.reshape(-1, dim)
+        if not ctx.sparse:
+            dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
+            return dense.view(ctx.values_shape), None, None
         rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
-        return torch.sparse_coo_tensor(rows, grad.reshape(-1, dim), ctx.values_shape, check_invariants=False), None
+        return torch.sparse_coo_tensor(rows, rows_grad, ctx.values_shape, check_invariants=False), None, None
 
 
 def autocast_off(x) -> torch.autocast:

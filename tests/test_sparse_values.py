@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvb_dist.codebook import assignment_statistics, ema_step_, nearest_keys
 from kvb_dist.core import KeyValueBottleneck
 from kvb_dist.distributed.layout import ParallelLayout
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
@@ -129,25 +128,23 @@ def test_clipping_sparse_gradients_equals_the_dense_computation():
 
 
 def ema_worker(rank, world_size):
-    """2 replicas x 1 shard: the EMA step sums hit rows over the replicas; keys bit-identical to dense all-reduce."""
+    """2 replicas x 1 shard: the EMA step gathers the replicas' queries and indices in batch order,
+    so the keys are bit-identical to one process's on the concatenated batch."""
     layout = ParallelLayout.build(num_shards=1)
-    module = ShardedKeyValueBottleneck(5, 64, 3, 4, layout=layout, seed=2, decay=0.9)
+    config = dict(seed=2, decay=0.9, threshold_ema_dead_code=0.3)
+    module = ShardedKeyValueBottleneck(5, 64, 3, 4, layout=layout, **config)
+    one_process = KeyValueBottleneck(5, 64, 3, 4, **config)
     identical = []
     for step in range(3):
-        x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(10 * step + rank))
-        keys, keys_avg, cluster_size = module.keys.clone(), module.keys_avg.clone(), module.cluster_size.clone()
-        module(x)  # the step under test
-        queries = x.transpose(0, 1)
-        nearest, _ = nearest_keys(queries, keys)  # the reference: dense statistics, dense all-reduce
-        hits, sums = assignment_statistics(queries, nearest[..., 0], 64)
-        hits, sums = layout.all_reduce_replicas(hits), layout.all_reduce_replicas(sums)
-        every_pair = torch.arange(hits.numel())  # the dense sums as one hit row per pair
-        ema_step_(keys, keys_avg, cluster_size, (every_pair, hits.view(-1), sums.view(-1, 3)), 0.9, module.eps,
-                  0.0, torch.tensor(0), 0, None)
-        identical.append(all(torch.equal(a, b) for a, b in ((keys, module.keys), (keys_avg, module.keys_avg), (cluster_size, module.cluster_size))))
+        batches = [torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(10 * step + r)) for r in range(world_size)]
+        module(batches[rank])
+        one_process(torch.cat(batches))
+        identical.append(all(
+            torch.equal(getattr(module, name), getattr(one_process, name)) for name in ("keys", "keys_avg", "cluster_size")
+        ) and int(module.num_replaced_pairs) == int(one_process.num_replaced_pairs) > 0)
     return identical
 
 
 @pytest.mark.timeout(60)
-def test_ema_statistics_summed_as_hit_rows_give_bit_identical_keys():
+def test_ema_step_over_replicas_is_bit_identical_to_one_process():
     assert run_ranks(2, ema_worker) == [[True] * 3] * 2

@@ -143,8 +143,8 @@ class NativeKernels:
         self._keys.argtypes = [pointer, int64, int64, int64, int64, int64, pointer, pointer, int64, int64, pointer, pointer]
         self._keys.restype = ctypes.c_int
         self._ema = library.kvb_ema_step
-        self._ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, pointer, pointer, int64,
-                              f32, f32, f32, f32, int64, int64, pointer, int64, int64, int64]
+        self._ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, int64, int64, int64,
+                              pointer, int64, int64, f32, f32, f32, f32, int64, int64]
         self._ema.restype = int64
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = os.getpid()
@@ -200,40 +200,34 @@ class NativeKernels:
             raise MemoryError("kvb_nearest_keys: out of memory")
         return index, distance
 
-    def ema_step_(self, keys_cjk, keys_avg_cjk, cluster_size_cj, hit_ids, hit_counts, hit_sums, decay: float,
-                  eps: float, threshold: float, replace_seed: int, first_codebook: int, queries_ick,
-                  threads: int = 1) -> int:
-        """The EMA step of codebooks [c] in place (see ema_step.c): hits as sorted flat pair ids with their
-        counts and query sums; dead pairs (cluster_size < threshold, if > 0) take heads of queries_ick
-        [global batch, c, k] (last dim contiguous). Returns the number of pairs replaced."""
+    def ema_step_(self, keys_cjk, keys_avg_cjk, cluster_size_cj, queries_ick, indices_ic, decay: float, eps: float,
+                  threshold: float, replace_seed: int, first_codebook: int, threads: int = 1) -> int:
+        """The EMA step of codebooks [c] in place (see ema_step.c) from the global batch's queries
+        [i, c, k] (last dim contiguous) and the pairs they chose [i, c]; dead pairs (cluster_size <
+        threshold, if > 0) take heads of that batch. Returns the number of pairs replaced."""
         num_codebooks, num_pairs, dim = keys_cjk.shape
         if num_codebooks == 0:
             return 0
         for state in (keys_cjk, keys_avg_cjk):
             _address(state, torch.float32, (num_codebooks, num_pairs, dim))
         _address(cluster_size_cj, torch.float32, (num_codebooks, num_pairs))
-        num_hits = hit_ids.shape[0]
-        _address(hit_ids, torch.int64, (num_hits,))
-        _address(hit_counts, torch.float32, (num_hits,))
-        _address(hit_sums, torch.float32, (num_hits, dim))
+        num_queries = queries_ick.shape[0]
         assert queries_ick.dtype == torch.float32 and (queries_ick.stride(2) == 1 or dim == 1)
-        ranges = _codebook_ranges(num_codebooks, threads)
-        # Each thread's codebooks own a contiguous run of the sorted hits.
-        bounds = torch.searchsorted(hit_ids, torch.tensor([c0 * num_pairs for c0, _ in ranges] + [num_codebooks * num_pairs]))
-        rows = bounds.tolist()
+        assert tuple(queries_ick.shape) == (num_queries, num_codebooks, dim), tuple(queries_ick.shape)
+        assert indices_ic.dtype == torch.int64 and tuple(indices_ic.shape) == (num_queries, num_codebooks)
 
-        def part(n: int) -> Callable[[], int]:
-            (c0, c1), h0, h1 = ranges[n], rows[n], rows[n + 1]
-            offset = c0 * num_pairs
-            ids = hit_ids[h0:h1] - offset if offset else hit_ids[h0:h1]
+        def part(c0: int, c1: int) -> Callable[[], int]:
             return lambda: self._ema(
-                keys_cjk[c0].data_ptr(), keys_avg_cjk[c0].data_ptr(), cluster_size_cj[c0].data_ptr(), c1 - c0, num_pairs,
-                dim, ids.data_ptr(), hit_counts[h0:].data_ptr(), hit_sums[h0:].data_ptr(), h1 - h0, decay, 1.0 - decay,
-                eps, threshold, replace_seed, first_codebook + c0, queries_ick[:, c0:].data_ptr(), queries_ick.shape[0],
-                queries_ick.stride(0), queries_ick.stride(1),
+                keys_cjk[c0].data_ptr(), keys_avg_cjk[c0].data_ptr(), cluster_size_cj[c0].data_ptr(), c1 - c0,
+                num_pairs, dim, queries_ick[:, c0:].data_ptr(), num_queries, queries_ick.stride(0),
+                queries_ick.stride(1), indices_ic[:, c0:].data_ptr(), indices_ic.stride(0), indices_ic.stride(1),
+                decay, 1.0 - decay, eps, threshold, replace_seed, first_codebook + c0,
             )
 
-        return sum(self._parallel([part(n) for n in range(len(ranges))]))
+        replaced = self._parallel([part(*r) for r in _codebook_ranges(num_codebooks, threads)])
+        if min(replaced) < 0:
+            raise MemoryError("kvb_ema_step: out of memory")
+        return sum(replaced)
 
 
 def build() -> NativeKernels:

@@ -3,7 +3,7 @@
  * tensors plus masked gathers and writes (at the paper's size and dead-pair threshold, 70 % of the
  * pairs are replaced every step, and those passes cost more than the lookup).
  *
- * Per codebook, with hits given as (flat pair id, count, sum of the queries) rows sorted by id:
+ * Per codebook, with count and sum the number and the sum of the batch's queries that chose a pair:
  *   cluster_size <- decay * cluster_size + (1 - decay) * count
  *   keys_avg     <- decay * keys_avg     + (1 - decay) * sum
  *   keys          = keys_avg / smoothed(cluster_size),  smoothed = (n + eps) / (N + J eps) * N
@@ -13,6 +13,8 @@
  * counter_randint (splitmix64), so any split of codebooks over processes draws the same queries.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 static const uint64_t GOLDEN = 0x9E3779B97F4A7C15ull, MIX1 = 0xBF58476D1CE4E5B9ull, MIX2 = 0x94D049BB133111EBull;
 static const uint64_t STRIDE0 = 0xD6E8FEB86659FD93ull, STRIDE1 = 0xA0761D6478BD642Full;
@@ -33,48 +35,60 @@ static inline uint64_t pair_hash(uint64_t seed, uint64_t codebook, uint64_t pair
 }
 
 /* State of codebooks 0 .. num_codebooks - 1 (global ids first_codebook ..), contiguous:
- * keys, keys_avg [c, num_pairs, dim], cluster_size [c, num_pairs]. Hits: num_hits rows with flat
- * ids (c * num_pairs + pair) in ascending order (repeats allowed), hit_counts [num_hits], hit_sums
- * [num_hits, dim]; keep = 1 - decay (rounded once, by the caller, as torch's alpha). Replacement (threshold > 0): query q of codebook c at queries + q * query_stride +
- * c * codebook_stride. Returns the number of pairs replaced. */
+ * keys, keys_avg [c, num_pairs, dim], cluster_size [c, num_pairs]. The global batch: query i of
+ * codebook c (dim contiguous floats) at queries + i * query_stride + c * query_codebook_stride, the
+ * pair it chose at indices[i * index_stride + c * index_codebook_stride]. keep = 1 - decay (rounded
+ * once, by the caller, as torch's alpha). A pair's queries are summed in batch order, so any split
+ * of the batch over processes, gathered in order, gives the same sums bit for bit. Replacement:
+ * threshold > 0. Returns the number of pairs replaced, or -1 when out of memory. */
 int64_t kvb_ema_step(float *keys, float *keys_avg, float *cluster_size, int64_t num_codebooks, int64_t num_pairs,
-                     int64_t dim, const int64_t *hit_ids, const float *hit_counts, const float *hit_sums,
-                     int64_t num_hits, float decay, float keep, float eps, float threshold, int64_t replace_seed,
-                     int64_t first_codebook, const float *queries, int64_t num_queries, int64_t query_stride,
-                     int64_t codebook_stride) {
-    int64_t replaced = 0, h = 0;
-    float hit_sum[dim > 0 ? dim : 1];
+                     int64_t dim, const float *queries, int64_t num_queries, int64_t query_stride,
+                     int64_t query_codebook_stride, const int64_t *indices, int64_t index_stride,
+                     int64_t index_codebook_stride, float decay, float keep, float eps, float threshold,
+                     int64_t replace_seed, int64_t first_codebook) {
+    /* One codebook's statistics, dense ([pairs] counts, [pairs, dim] sums; later the per-pair
+     * 1 / smoothed size), so that the passes over its state are plain loops over contiguous floats. */
+    float *count = malloc(sizeof(float) * (size_t)num_pairs);
+    float *sum = malloc(sizeof(float) * (size_t)(num_pairs * dim));
+    if (count == NULL || sum == NULL) {
+        free(count), free(sum);
+        return -1;
+    }
+    const int64_t width = num_pairs * dim;
+    int64_t replaced = 0;
     for (int64_t c = 0; c < num_codebooks; c++) {
-        float *size = cluster_size + c * num_pairs;
-        const int64_t first_hit = h, end = (c + 1) * num_pairs;
-        while (h < num_hits && hit_ids[h] < end) h++;
-        /* Rows of one pair are summed first (in order), then scaled: as a dense sum of the rows would be. */
-        for (int64_t j = 0, next = first_hit; j < num_pairs; j++) {
-            float count = 0.0f;
-            for (; next < h && hit_ids[next] == c * num_pairs + j; next++) count += hit_counts[next];
-            size[j] = size[j] * decay + keep * count;
+        float *size = cluster_size + c * num_pairs, *avg = keys_avg + c * width, *key = keys + c * width;
+        memset(count, 0, sizeof(float) * (size_t)num_pairs);
+        memset(sum, 0, sizeof(float) * (size_t)width);
+        for (int64_t i = 0; i < num_queries; i++) {
+            const int64_t j = indices[i * index_stride + c * index_codebook_stride];
+            const float *query = queries + i * query_stride + c * query_codebook_stride;
+            count[j] += 1.0f;
+            for (int64_t d = 0; d < dim; d++) sum[j * dim + d] += query[d];
         }
         double total = 0.0;
-        for (int64_t j = 0; j < num_pairs; j++) total += size[j];
+        for (int64_t j = 0; j < num_pairs; j++) {
+            size[j] = size[j] * decay + keep * count[j];
+            total += size[j];
+        }
+        for (int64_t e = 0; e < width; e++) avg[e] = avg[e] * decay + keep * sum[e];
         const float norm = (float)(total / (total + num_pairs * (double)eps));
-        for (int64_t j = 0, next = first_hit; j < num_pairs; j++) {
-            float *avg = keys_avg + (c * num_pairs + j) * dim, *key = keys + (c * num_pairs + j) * dim;
-            for (int64_t d = 0; d < dim; d++) hit_sum[d] = 0.0f;
-            for (; next < h && hit_ids[next] == c * num_pairs + j; next++)
-                for (int64_t d = 0; d < dim; d++) hit_sum[d] += hit_sums[next * dim + d];
-            for (int64_t d = 0; d < dim; d++) avg[d] = avg[d] * decay + keep * hit_sum[d];
-            if (threshold > 0.0f && size[j] < threshold) {
-                uint64_t wanted = (pair_hash((uint64_t)replace_seed, (uint64_t)(first_codebook + c), (uint64_t)j) >> 1) %
-                                  (uint64_t)num_queries;
-                const float *query = queries + (int64_t)wanted * query_stride + c * codebook_stride;
-                for (int64_t d = 0; d < dim; d++) key[d] = query[d], avg[d] = query[d] * threshold;
-                size[j] = threshold;
-                replaced++;
-            } else {
-                const float inverse = 1.0f / ((size[j] + eps) * norm);
-                for (int64_t d = 0; d < dim; d++) key[d] = avg[d] * inverse;
-            }
+        for (int64_t j = 0; j < num_pairs; j++) {
+            const float inverse = 1.0f / ((size[j] + eps) * norm);
+            for (int64_t d = 0; d < dim; d++) sum[j * dim + d] = inverse;
+        }
+        for (int64_t e = 0; e < width; e++) key[e] = avg[e] * sum[e];
+        if (threshold <= 0.0f) continue;
+        for (int64_t j = 0; j < num_pairs; j++) {
+            if (!(size[j] < threshold)) continue;
+            uint64_t wanted =
+                (pair_hash((uint64_t)replace_seed, (uint64_t)(first_codebook + c), (uint64_t)j) >> 1) % (uint64_t)num_queries;
+            const float *query = queries + (int64_t)wanted * query_stride + c * query_codebook_stride;
+            for (int64_t d = 0; d < dim; d++) key[j * dim + d] = query[d], avg[j * dim + d] = query[d] * threshold;
+            size[j] = threshold;
+            replaced++;
         }
     }
+    free(count), free(sum);
     return replaced;
 }

@@ -27,57 +27,82 @@
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 
-/* Scores sq[j] + scale * (w[j] . q) (scale -2: the squared distance less |q|^2) of KEYS_PER_STEP keys from j on (or of one, count 1) for the
- * LANES queries of block_t[d * LANES + lane]. */
-static inline void score_keys(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
-                              int64_t j, int count, vfloat *score) {
-    vfloat acc[KEYS_PER_STEP];
-    for (int u = 0; u < KEYS_PER_STEP; u++) acc[u] = (vfloat){};
+/* Half scores half_sq[j] - w[j] . q = (|q - w[j]|^2 - |q|^2) / 2 of `count` (<= KEYS_PER_STEP) keys from
+ * j on, for the LANES queries of block_t[d * LANES + lane]: one FMA per key and dim, |w|^2 / 2 as
+ * the start of each chain. */
+static inline void score_keys(const float *block_t, int64_t dim, const float *w, const float *half_sq, int64_t j,
+                              int count, vfloat *score) {
     if (count == KEYS_PER_STEP) {
+        for (int u = 0; u < KEYS_PER_STEP; u++) score[u] = (vfloat){} + half_sq[j + u];
         for (int64_t d = 0; d < dim; d++) {
             vfloat q;
             memcpy(&q, block_t + d * LANES, sizeof q);
-            for (int u = 0; u < KEYS_PER_STEP; u++) acc[u] += w[(j + u) * dim + d] * q;
+            for (int u = 0; u < KEYS_PER_STEP; u++) score[u] -= w[(j + u) * dim + d] * q;
         }
-    } else {
-        for (int64_t d = 0; d < dim; d++) {
-            vfloat q;
-            memcpy(&q, block_t + d * LANES, sizeof q);
-            for (int u = 0; u < count; u++) acc[u] += w[(j + u) * dim + d] * q;
-        }
+        return;
     }
-    for (int u = 0; u < count; u++) score[u] = sq[j + u] + scale * acc[u];
+    for (int u = 0; u < count; u++) score[u] = (vfloat){} + half_sq[j + u];
+    for (int64_t d = 0; d < dim; d++) {
+        vfloat q;
+        memcpy(&q, block_t + d * LANES, sizeof q);
+        for (int u = 0; u < count; u++) score[u] -= w[(j + u) * dim + d] * q;
+    }
 }
 
-static inline void keep_better(vfloat score, int32_t index, vfloat *best, vint *best_index) {
-    vint better = score < *best; /* all ones where strictly better */
-    *best = (vfloat)(((vint)*best & ~better) | ((vint)score & better));
-    *best_index = (*best_index & ~better) | (((vint){} + index) & better);
+/* The same half score for one query (lane) and one key, computed as the vector code does. */
+static inline float score_one(const float *block_t, int64_t dim, const float *w, const float *half_sq, int64_t j,
+                              int lane) {
+    vfloat score = (vfloat){} + half_sq[j];
+    for (int64_t d = 0; d < dim; d++) {
+        vfloat q;
+        memcpy(&q, block_t + d * LANES, sizeof q);
+        score -= w[j * dim + d] * q;
+    }
+    return score[lane];
 }
 
-/* The best key of every query in a block: best[lane] (score) and best_index[lane]. */
-static void nearest_in_block(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
+/* The best key of every query in a block: best[lane] (half score) and best_index[lane].
+ * Per group of KEYS_PER_STEP keys only the group's minimum is compared with the best so far (one
+ * compare and two blends per group, not per key); the winning group of each lane is searched
+ * again at the end for the first key of that score. */
+static void nearest_in_block(const float *block_t, int64_t dim, const float *w, const float *half_sq,
                              int64_t num_keys, vfloat *best, vint *best_index) {
+    vint best_group = (vint){};
     *best = (vfloat){} + INFINITY;
-    *best_index = (vint){};
     vfloat score[KEYS_PER_STEP];
     for (int64_t j = 0; j < num_keys; j += KEYS_PER_STEP) {
         int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
-        score_keys(block_t, dim, w, sq, scale, j, count, score);
-        for (int u = 0; u < count; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
+        score_keys(block_t, dim, w, half_sq, j, count, score);
+        vfloat low = score[0];
+        for (int u = 1; u < count; u++) {
+            vint lower = score[u] < low;
+            low = (vfloat)(((vint)low & ~lower) | ((vint)score[u] & lower));
+        }
+        vint better = low < *best; /* strictly: an earlier group keeps a tie */
+        *best = (vfloat)(((vint)*best & ~better) | ((vint)low & better));
+        best_group = (best_group & ~better) | (((vint){} + (int32_t)j) & better);
+    }
+    for (int lane = 0; lane < LANES; lane++) {
+        int64_t g = best_group[lane], end = g + KEYS_PER_STEP < num_keys ? g + KEYS_PER_STEP : num_keys;
+        (*best_index)[lane] = (int32_t)g;
+        for (int64_t j = g; j < end; j++)
+            if (score_one(block_t, dim, w, half_sq, j, lane) == (*best)[lane]) {
+                (*best_index)[lane] = (int32_t)j;
+                break;
+            }
     }
 }
 
 /* The t best keys of every query in a block, ascending by score: top[lane * t + r], top_index alike.
  * A key enters only where it beats a lane's t-th best (rare after the first keys), by insertion. */
-static void topk_in_block(const float *block_t, int64_t dim, const float *w, const float *sq, float scale,
+static void topk_in_block(const float *block_t, int64_t dim, const float *w, const float *half_sq,
                           int64_t num_keys, int64_t t, float *top, int64_t *top_index) {
     vfloat worst = (vfloat){} + INFINITY;
     for (int64_t r = 0; r < LANES * t; r++) top[r] = INFINITY, top_index[r] = 0;
     vfloat score[KEYS_PER_STEP];
     for (int64_t j = 0; j < num_keys; j += KEYS_PER_STEP) {
         int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
-        score_keys(block_t, dim, w, sq, scale, j, count, score);
+        score_keys(block_t, dim, w, half_sq, j, count, score);
         for (int u = 0; u < count; u++) {
             vint enters = score[u] < worst;
             vint any = enters;
@@ -116,12 +141,12 @@ static void load_block(const float *rows, int64_t count, int64_t dim, int64_t ro
         }
 }
 
-/* Squared norms [num_keys] of keys [num_keys, dim], +inf where excluded[j] (if not NULL). */
-static void key_norms(const float *keys, int64_t num_keys, int64_t dim, const uint8_t *excluded, float *sq) {
+/* Half squared norms [num_keys] of keys [num_keys, dim], +inf where excluded[j] (if not NULL). */
+static void half_norms(const float *keys, int64_t num_keys, int64_t dim, const uint8_t *excluded, float *half_sq) {
     for (int64_t j = 0; j < num_keys; j++) {
         float norm = 0.0f;
         for (int64_t d = 0; d < dim; d++) norm += keys[j * dim + d] * keys[j * dim + d];
-        sq[j] = excluded != NULL && excluded[j] ? INFINITY : norm;
+        half_sq[j] = excluded != NULL && excluded[j] ? INFINITY : 0.5f * norm;
     }
 }
 
@@ -140,17 +165,17 @@ int kvb_nearest_means(const float *queries, int64_t n, int64_t dim, int64_t row_
         free(block_t), free(sq);
         return -1;
     }
-    key_norms(means, num_means, dim, NULL, sq);
+    half_norms(means, num_means, dim, NULL, sq);
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
         int64_t rows = n - i0 < LANES ? n - i0 : LANES;
         float query_sq[LANES];
         load_block(queries + i0 * row_stride, rows, dim, row_stride, block_t, query_sq);
         vfloat best;
         vint best_index;
-        nearest_in_block(block_t, dim, means, sq, -2.0f, num_means, &best, &best_index);
+        nearest_in_block(block_t, dim, means, sq, num_means, &best, &best_index);
         for (int lane = 0; lane < rows; lane++) {
             int64_t j = best_index[lane];
-            float squared = query_sq[lane] + best[lane];
+            float squared = query_sq[lane] + 2.0f * best[lane];
             if (index != NULL) index[i0 + lane] = j;
             if (distance != NULL) distance[i0 + lane] = squared;
             if (counts != NULL) {
@@ -184,7 +209,7 @@ int kvb_nearest_keys(const float *queries, int64_t num_codebooks, int64_t n, int
     }
     for (int64_t c = 0; c < num_codebooks; c++) {
         const float *w = keys + c * num_keys * dim;
-        key_norms(w, num_keys, dim, excluded == NULL ? NULL : excluded + c * num_keys, sq);
+        half_norms(w, num_keys, dim, excluded == NULL ? NULL : excluded + c * num_keys, sq);
         for (int64_t i0 = 0; i0 < n; i0 += LANES) {
             int64_t rows = n - i0 < LANES ? n - i0 : LANES;
             float query_sq[LANES];
@@ -194,17 +219,17 @@ int kvb_nearest_keys(const float *queries, int64_t num_codebooks, int64_t n, int
             if (t == 1) {
                 vfloat best;
                 vint best_index;
-                nearest_in_block(block_t, dim, w, sq, -2.0f, num_keys, &best, &best_index);
+                nearest_in_block(block_t, dim, w, sq, num_keys, &best, &best_index);
                 for (int lane = 0; lane < rows; lane++) {
                     out_index[lane] = best_index[lane];
-                    out_distance[lane] = query_sq[lane] + best[lane];
+                    out_distance[lane] = query_sq[lane] + 2.0f * best[lane];
                 }
             } else {
-                topk_in_block(block_t, dim, w, sq, -2.0f, num_keys, t, top, top_index);
+                topk_in_block(block_t, dim, w, sq, num_keys, t, top, top_index);
                 for (int lane = 0; lane < rows; lane++)
                     for (int64_t r = 0; r < t; r++) {
                         out_index[lane * t + r] = top_index[lane * t + r];
-                        out_distance[lane * t + r] = query_sq[lane] + top[lane * t + r];
+                        out_distance[lane * t + r] = query_sq[lane] + 2.0f * top[lane * t + r];
                     }
             }
         }
