@@ -124,6 +124,11 @@ def _address(tensor, dtype, shape) -> Optional[int]:
     return tensor.data_ptr()
 
 
+# Codebook ranges per thread in the codebook-parallel kernels: small enough to even out threads
+# that run at different speeds, large enough that a call's overhead (about 10 us) stays negligible.
+PARTS_PER_THREAD = 8
+
+
 def _codebook_ranges(num_codebooks: int, parts: int) -> List[Tuple[int, int]]:
     """At most `parts` contiguous, nearly equal ranges covering 0 .. num_codebooks - 1."""
     step = max(1, -(-num_codebooks // max(1, parts)))
@@ -149,13 +154,31 @@ class NativeKernels:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = os.getpid()
 
-    def _parallel(self, calls: List[Callable[[], Any]]) -> List[Any]:
-        """Runs the calls on this thread and the pool's; their results in order."""
+    def _parallel(self, calls: List[Callable[[], Any]], threads: int) -> List[Any]:
+        """Runs the calls on this thread and threads - 1 of the pool's, each taking the next call not
+        yet taken (a descheduled thread then delays one small call, not half the work); their
+        results in order."""
+        threads = max(1, min(threads, len(calls)))
         # A forked child inherits the pool object but not its threads: it makes its own.
-        if len(calls) > 1 and (self._pool is None or self._pool._max_workers < len(calls) - 1 or self._pool_pid != os.getpid()):
-            self._pool, self._pool_pid = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="kvb_native"), os.getpid()
-        others = [self._pool.submit(call) for call in calls[1:]]
-        return [calls[0](), *(future.result() for future in others)]
+        if threads > 1 and (self._pool is None or self._pool._max_workers < threads - 1 or self._pool_pid != os.getpid()):
+            self._pool, self._pool_pid = ThreadPoolExecutor(threads - 1, thread_name_prefix="kvb_native"), os.getpid()
+        results: List[Any] = [None] * len(calls)
+        next_call = iter(range(len(calls)))  # next() on it is atomic under the GIL
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    n = next(next_call, None)
+                if n is None:
+                    return
+                results[n] = calls[n]()
+
+        others = [self._pool.submit(work) for _ in range(threads - 1)]
+        work()
+        for future in others:
+            future.result()
+        return results
 
     def nearest_means(self, queries_nk, means_jk, index_n=None, distance_n=None,
                       counts_j=None, sums_jk=None, sse_1=None) -> None:
@@ -196,7 +219,8 @@ class NativeKernels:
                 None if excluded_cj is None else excluded_cj[c0].data_ptr(), num_keys, topk, index[c0].data_ptr(), distance[c0].data_ptr(),
             )
 
-        if num_codebooks and num_queries and any(self._parallel([part(*r) for r in _codebook_ranges(num_codebooks, threads)])):
+        ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
+        if num_codebooks and num_queries and any(self._parallel([part(*r) for r in ranges], threads)):
             raise MemoryError("kvb_nearest_keys: out of memory")
         return index, distance
 
@@ -224,7 +248,8 @@ class NativeKernels:
                 decay, 1.0 - decay, eps, threshold, replace_seed, first_codebook + c0,
             )
 
-        replaced = self._parallel([part(*r) for r in _codebook_ranges(num_codebooks, threads)])
+        ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
+        replaced = self._parallel([part(*r) for r in ranges], threads)
         if min(replaced) < 0:
             raise MemoryError("kvb_ema_step: out of memory")
         return sum(replaced)
