@@ -49,47 +49,22 @@ static inline void score_keys(const float *block_t, int64_t dim, const float *w,
     }
 }
 
-/* The same half score for one query (lane) and one key, computed as the vector code does. */
-static inline float score_one(const float *block_t, int64_t dim, const float *w, const float *half_sq, int64_t j,
-                              int lane) {
-    vfloat score = (vfloat){} + half_sq[j];
-    for (int64_t d = 0; d < dim; d++) {
-        vfloat q;
-        memcpy(&q, block_t + d * LANES, sizeof q);
-        score -= w[j * dim + d] * q;
-    }
-    return score[lane];
+static inline void keep_better(vfloat score, int32_t index, vfloat *best, vint *best_index) {
+    vint better = score < *best; /* all ones where strictly better: an earlier key keeps a tie */
+    *best = (vfloat)(((vint)*best & ~better) | ((vint)score & better));
+    *best_index = (*best_index & ~better) | (((vint){} + index) & better);
 }
 
-/* The best key of every query in a block: best[lane] (half score) and best_index[lane].
- * Per group of KEYS_PER_STEP keys only the group's minimum is compared with the best so far (one
- * compare and two blends per group, not per key); the winning group of each lane is searched
- * again at the end for the first key of that score. */
+/* The best key of every query in a block: best[lane] (half score) and best_index[lane]. */
 static void nearest_in_block(const float *block_t, int64_t dim, const float *w, const float *half_sq,
                              int64_t num_keys, vfloat *best, vint *best_index) {
-    vint best_group = (vint){};
     *best = (vfloat){} + INFINITY;
+    *best_index = (vint){};
     vfloat score[KEYS_PER_STEP];
     for (int64_t j = 0; j < num_keys; j += KEYS_PER_STEP) {
         int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
         score_keys(block_t, dim, w, half_sq, j, count, score);
-        vfloat low = score[0];
-        for (int u = 1; u < count; u++) {
-            vint lower = score[u] < low;
-            low = (vfloat)(((vint)low & ~lower) | ((vint)score[u] & lower));
-        }
-        vint better = low < *best; /* strictly: an earlier group keeps a tie */
-        *best = (vfloat)(((vint)*best & ~better) | ((vint)low & better));
-        best_group = (best_group & ~better) | (((vint){} + (int32_t)j) & better);
-    }
-    for (int lane = 0; lane < LANES; lane++) {
-        int64_t g = best_group[lane], end = g + KEYS_PER_STEP < num_keys ? g + KEYS_PER_STEP : num_keys;
-        (*best_index)[lane] = (int32_t)g;
-        for (int64_t j = g; j < end; j++)
-            if (score_one(block_t, dim, w, half_sq, j, lane) == (*best)[lane]) {
-                (*best_index)[lane] = (int32_t)j;
-                break;
-            }
+        for (int u = 0; u < count; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
     }
 }
 
