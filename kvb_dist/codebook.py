@@ -13,7 +13,7 @@ over processes therefore draws exactly the numbers one process would draw.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -42,7 +42,8 @@ def default_chunk_elements(device: torch.device) -> int:
     """
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        return int(max(DEFAULT_CHUNK_ELEMENTS, min(ACCELERATOR_CHUNK_ELEMENTS_MAX, free_bytes * ACCELERATOR_CHUNK_MEMORY_FRACTION // 4)))
+        budget = int(free_bytes * ACCELERATOR_CHUNK_MEMORY_FRACTION) // 4  # float32 scores
+        return max(DEFAULT_CHUNK_ELEMENTS, min(ACCELERATOR_CHUNK_ELEMENTS_MAX, budget))
     return DEFAULT_CHUNK_ELEMENTS
 
 
@@ -166,7 +167,6 @@ def nearest_keys(
     Excluded pairs are never fetched.
     """
     num_codebooks, num_queries, _ = queries_cik.shape
-    num_pairs = keys_cjk.shape[1]
     device = queries_cik.device
     if num_queries == 0 or num_codebooks == 0:
         return (torch.empty(num_codebooks, num_queries, topk, dtype=torch.long, device=device),
@@ -179,8 +179,9 @@ def nearest_keys(
             queries, keys_cjk.contiguous(), excluded, topk, threads=torch.get_num_threads()
         )
         return indices, distances.neg_()
+    key_sq_cj = torch.einsum("cjk,cjk->cj", keys_cjk, keys_cjk)
     return _nearest_keys_by_gemm(
-        queries_cik, keys_cjk, torch.einsum("cjk,cjk->cj", keys_cjk, keys_cjk), topk, temperature, excluded_cj, noise_seed, codebook_ids, query_ids,
+        queries_cik, keys_cjk, key_sq_cj, topk, temperature, excluded_cj, noise_seed, codebook_ids, query_ids,
         chunk_elements or default_chunk_elements(device),
     )
 

@@ -408,7 +408,6 @@ class KeyValueBottleneck(nn.Module):
         of num_global_queries; reduce_sum adds a statistic over every holder of these codebooks.
         """
         num_local, num_queries, _ = queries_cik.shape
-        num_pairs = self.key_value_pairs_per_codebook
         device = queries_cik.device
         seed, step = self.random_state[0], self.random_state[1]
         learning = self.update_keys
@@ -443,7 +442,9 @@ class KeyValueBottleneck(nn.Module):
         if learning:
             if num_global_queries > 0:  # the same on every holder: all make the same collectives
                 # The holders' queries and indices, gathered in batch order: O(batch x c x k) travels, whatever J is.
-                batch_ick, indices_ic = self._gathered_over_holders(detached.transpose(0, 1), indices[..., 0].transpose(0, 1))
+                batch_ick, indices_ic = self._gathered_over_holders(
+                    detached.transpose(0, 1), indices[..., 0].transpose(0, 1)
+                )
                 self.num_replaced_pairs += ema_step_(
                     self.keys, self.keys_avg, self.cluster_size, batch_ick, indices_ic, self.decay, self.eps,
                     self.threshold_ema_dead_code,

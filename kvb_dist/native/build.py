@@ -163,7 +163,7 @@ class NativeKernels:
         if threads > 1 and (self._pool is None or self._pool._max_workers < threads - 1 or self._pool_pid != os.getpid()):
             self._pool, self._pool_pid = ThreadPoolExecutor(threads - 1, thread_name_prefix="kvb_native"), os.getpid()
         results: List[Any] = [None] * len(calls)
-        next_call = iter(range(len(calls)))  # next() on it is atomic under the GIL
+        next_call = iter(range(len(calls)))
         lock = threading.Lock()
 
         def work() -> None:
@@ -216,7 +216,8 @@ class NativeKernels:
         def part(c0: int, c1: int) -> Callable[[], int]:
             return lambda: self._keys(
                 queries_cik[c0:].data_ptr(), c1 - c0, num_queries, dim, stride_c, stride_i, keys_cjk[c0].data_ptr(),
-                None if excluded_cj is None else excluded_cj[c0].data_ptr(), num_keys, topk, index[c0].data_ptr(), distance[c0].data_ptr(),
+                None if excluded_cj is None else excluded_cj[c0].data_ptr(), num_keys, topk,
+                index[c0].data_ptr(), distance[c0].data_ptr(),
             )
 
         ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
