@@ -45,14 +45,21 @@ logger = logging.getLogger("kvb_dist")
 def parse_args(argv: Optional[List[str]]):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in defaults = the digits demo)")
-    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), metavar="PHASE", help=f"some of {list(PHASES)}")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     parser.add_argument(
         "--redo", default=None, choices=PHASES,
         help="delete what this phase and the later ones wrote, then run them with the current config",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # `--phases train run.name=x`: argparse hands the overrides after --phases to it; they are overrides.
+    args.overrides = [*(word for word in args.phases if "=" in word), *args.overrides]
+    args.phases = [word for word in args.phases if "=" not in word]
+    unknown = [phase for phase in args.phases if phase not in PHASES]
+    if unknown or not args.phases:
+        parser.error(f"--phases takes some of {list(PHASES)}, got {unknown or 'none'}")
+    return args
 
 
 def init_process_group_per_attempt(timeout: timedelta, backend: Optional[str]) -> None:

@@ -151,3 +151,44 @@ def test_world_size_checks_pass_when_they_should():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_on_common_world_sizes(path, world_size):
     assert load_config(path, world_size=world_size).run.name == path.stem
+
+
+def test_overrides_after_phases_are_overrides():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[1] / "launch" / "run.py")
+    launch_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_run)
+    args = launch_run.parse_args(["--phases", "train", "evaluate", "run.name=x", "train.lr=0.1"])
+    assert args.phases == ["train", "evaluate"] and args.overrides == ["run.name=x", "train.lr=0.1"]
+    args = launch_run.parse_args(["train.lr=0.1", "--phases", "freeze", "run.name=x"])
+    assert args.phases == ["freeze"] and sorted(args.overrides) == ["run.name=x", "train.lr=0.1"]
+    with pytest.raises(SystemExit):
+        launch_run.parse_args(["--phases", "fit"])  # not a phase
+    with pytest.raises(SystemExit):
+        launch_run.parse_args(["--phases", "run.name=x"])  # no phase left
+
+
+class _FakeAccelerator:
+    def __init__(self, is_main_process):
+        self.is_main_process = is_main_process
+        self.started = []
+
+    def init_trackers(self, project, config, init_kwargs):
+        self.started.append(init_kwargs["wandb"]["id"])
+
+
+def test_only_the_main_process_makes_the_wandb_run_id_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    from kvb_dist.run import tracking
+
+    config = load_config(None, ["run.tracker=wandb", "run.wandb_mode=offline"])
+    others = [_FakeAccelerator(False) for _ in range(3)]
+    for accelerator in others:  # ranks 1..3 first: they must neither read nor write the id
+        tracking.Tracker(accelerator, config, tmp_path)
+    assert not (tmp_path / "wandb_run_id").exists() and not any(a.started for a in others)
+    first, resumed = _FakeAccelerator(True), _FakeAccelerator(True)
+    tracking.Tracker(first, config, tmp_path)
+    tracking.Tracker(resumed, config, tmp_path)  # the same run folder after a restart
+    assert len(first.started[0]) == 12 and resumed.started == first.started
+    assert (tmp_path / "wandb_run_id").read_text() == first.started[0]
+    assert not list(tmp_path.glob(".wandb_run_id.tmp-*"))

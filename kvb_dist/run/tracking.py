@@ -36,7 +36,9 @@ class Tracker:
         self.accelerator = accelerator
         self.active = config.run.tracker == "wandb" and accelerator.is_main_process
         self.mode = wandb_mode(config.run.wandb_mode) if config.run.tracker == "wandb" else "disabled"
-        if config.run.tracker == "wandb":
+        # Only the main process starts the tracker, so only it reads or writes the run id: every
+        # rank making one raced on the file (runs that crashed on an empty id, or logged apart).
+        if self.active:
             run_dir.mkdir(parents=True, exist_ok=True)
             accelerator.init_trackers(
                 config.run.wandb_project,
@@ -52,8 +54,7 @@ class Tracker:
                     }
                 },
             )
-            if self.active:
-                logger.info("wandb %s run in %s", self.mode, run_dir / "wandb")
+            logger.info("wandb %s run in %s", self.mode, run_dir / "wandb")
 
     def log(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         if self.active:
@@ -80,5 +81,7 @@ def _run_id(run_dir: Path) -> str:
     import uuid
 
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(run_id)
+    os.replace(temporary, path)  # whole or absent, even if this process dies while writing
     return run_id
