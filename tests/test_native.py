@@ -158,11 +158,14 @@ def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
 def test_the_lookup_threads_work_in_a_forked_child():
     queries, keys = torch.randn(4, 20, 6), torch.randn(4, 50, 6)
-    if torch.get_num_threads() < 2:
-        pytest.skip("one torch thread: the kernels use no pool")
-    expected, _ = codebook.nearest_keys(queries, keys)  # the parent's pool now exists
-    pid = os.fork()
-    if pid == 0:  # the child: a pool inherited without threads would hang here
-        os._exit(0 if torch.equal(codebook.nearest_keys(queries, keys)[0], expected) else 1)
-    _, status = os.waitpid(pid, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the kernels use their pool from 2 threads on (earlier tests may set 1)
+    try:
+        expected, _ = codebook.nearest_keys(queries, keys)  # the parent's pool now exists
+        pid = os.fork()
+        if pid == 0:  # the child: a pool inherited without threads would hang here
+            os._exit(0 if torch.equal(codebook.nearest_keys(queries, keys)[0], expected) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(threads)
     assert os.waitstatus_to_exitcode(status) == 0
