@@ -13,7 +13,7 @@ Several nodes (run on every node, NODE_RANK = 0 .. N-1, HEAD = the IP of node 0)
         --main_process_ip $HEAD launch/run.py --config configs/cifar10_dino.yaml
 
 Overrides follow the config: `train.lr=0.1 run.name=try2`. `--phases train evaluate` runs only
-those phases. Running the same command again after a crash resumes from the run folder; a
+those phases; `--print-config` prints the resolved config as YAML and exits. Running the same command again after a crash resumes from the run folder; a
 SIGTERM (a scheduler's preemption) checkpoints after the current step and exits with code 75.
 One run at a time uses a run folder, and only with the config it was made with: changes that
 alter results are refused unless `--redo PHASE` redoes that phase and the later ones.
@@ -51,6 +51,10 @@ def parse_args(argv: Optional[List[str]]):
         "--redo", default=None, choices=PHASES,
         help="delete what this phase and the later ones wrote, then run them with the current config",
     )
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config (defaults, then the file, then the overrides) as YAML and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     # `--phases train run.name=x`: argparse hands the overrides after --phases to it; they are overrides.
@@ -87,9 +91,14 @@ def init_process_group_per_attempt(timeout: timedelta, backend: Optional[str]) -
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    config = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if args.print_config:  # a file that --config reads back as the same config
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
     # Before the process group exists: a SIGTERM from here on checkpoints instead of killing.
     stop = StopRequest().install()
-    config = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
 

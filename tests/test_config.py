@@ -153,12 +153,27 @@ def test_shipped_configs_load_on_common_world_sizes(path, world_size):
     assert load_config(path, world_size=world_size).run.name == path.stem
 
 
-def test_overrides_after_phases_are_overrides():
+def load_launcher():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[1] / "launch" / "run.py")
     launch_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch_run)
+    return launch_run
+
+
+def test_print_config_prints_the_resolved_config_as_yaml_that_loads_back(tmp_path, capsys):
+    launch_run = load_launcher()
+    toy = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
+    assert launch_run.main(["--config", toy, "--print-config", "train.lr=0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.25" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_config(tmp_path / "printed.yaml").to_dict() == load_config(toy, ["train.lr=0.25"]).to_dict()
+
+
+def test_overrides_after_phases_are_overrides():
+    launch_run = load_launcher()
     args = launch_run.parse_args(["--phases", "train", "evaluate", "run.name=x", "train.lr=0.1"])
     assert args.phases == ["train", "evaluate"] and args.overrides == ["run.name=x", "train.lr=0.1"]
     args = launch_run.parse_args(["train.lr=0.1", "--phases", "freeze", "run.name=x"])

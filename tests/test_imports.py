@@ -28,3 +28,13 @@ def test_the_distributed_layer_knows_no_models_or_classification():
     assert {m for m in imported_modules(PACKAGE / "distributed" / "layout.py") if not m.startswith("torch.distributed")} <= allowed
     for path in (PACKAGE / "distributed").glob("*.py"):
         assert not any(m.startswith(("kvb_dist.run", "kvb_dist.decoders", "kvb_dist.data")) for m in imported_modules(path)), path
+
+
+def test_the_top_level_exports_the_distributed_api_and_is_typed():
+    import kvb_dist
+
+    for name in ("ShardedKeyValueBottleneck", "ParallelLayout", "streaming_kmeans", "ShardStream"):
+        assert name in kvb_dist.__all__ and getattr(kvb_dist, name) is not None
+    assert all(hasattr(kvb_dist, name) for name in kvb_dist.__all__)
+    assert (PACKAGE / "py.typed").is_file()
+    assert '"kvb_dist" = ["py.typed"]' in (PACKAGE.parent / "pyproject.toml").read_text()  # shipped in the wheel
