@@ -293,23 +293,15 @@ class ParallelLayout:
         samples are one contiguous block of it, so the routed queries carry the global ids
         first_query_id .. first_query_id + I - 1.
         """
-        num_codebooks, local, dim = heads_cik.shape
         if queries_per_rank is None:
-            queries_per_rank = self.queries_per_rank(local)
+            queries_per_rank = self.queries_per_rank(heads_cik.shape[1])
         peers = self.shard_peers(queries_per_rank)
         first_query_id = sum(queries_per_rank[: self.replica_index * self.num_shards])
         routed = Routed(heads_cik, first_query_id, sum(queries_per_rank), peers)
         if self.shard_group is None:
             return routed
-        ranges = self.codebook_ranges(num_codebooks)
-        start, stop = ranges[self.shard_index]
-        send = heads_cik.contiguous().reshape(-1)  # codebook-major: each owner's rows are contiguous
-        send_splits = [(b - a) * local * dim for a, b in ranges]
-        recv_splits = [(stop - start) * q * dim for q in peers]
         # Differentiable: gradients of the owners' results (distances) reach the heads.
-        received = _all_to_all(send, recv_splits, send_splits, self.shard_group)
-        parts = received.split(recv_splits)
-        routed.owned_cik = torch.cat([p.view(stop - start, q, dim) for p, q in zip(parts, peers)], dim=1)
+        routed.owned_cik = torch.cat(self._blocks_to_owners(heads_cik, peers, differentiable=True), dim=1)
         return routed
 
     def route_to_owners_by_peer(self, heads_cik: torch.Tensor, queries_per_rank: Optional[Sequence[int]] = None
@@ -320,19 +312,26 @@ class ParallelLayout:
         For consumers that take the blocks one by one (k-means statistics): it spares a copy of
         the routed batch. Not differentiable. Every rank of the shard group calls it together.
         """
-        num_codebooks, local, dim = heads_cik.shape
         if queries_per_rank is None:
-            queries_per_rank = self.queries_per_rank(local)
+            queries_per_rank = self.queries_per_rank(heads_cik.shape[1])
         if self.shard_group is None:
             return [heads_cik]
-        peers = self.shard_peers(queries_per_rank)
+        return self._blocks_to_owners(heads_cik, self.shard_peers(queries_per_rank), differentiable=False)
+
+    def _blocks_to_owners(self, heads_cik: torch.Tensor, peers: Sequence[int], differentiable: bool) -> List[torch.Tensor]:
+        """One all-to-all over my shard group: the heads [C_mine, q, k] each peer sends for the
+        codebooks I hold, in mesh order (views of one received buffer)."""
+        num_codebooks, local, dim = heads_cik.shape
         ranges = self.codebook_ranges(num_codebooks)
         start, stop = ranges[self.shard_index]
         send = heads_cik.contiguous().reshape(-1)  # codebook-major: each owner's rows are contiguous
         send_splits = [(b - a) * local * dim for a, b in ranges]
         recv_splits = [(stop - start) * q * dim for q in peers]
-        received = send.new_empty(sum(recv_splits))
-        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.shard_group)
+        if differentiable:
+            received = _all_to_all(send, recv_splits, send_splits, self.shard_group)
+        else:
+            received = send.new_empty(sum(recv_splits))
+            dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.shard_group)
         return [part.view(stop - start, q, dim) for part, q in zip(received.split(recv_splits), peers)]
 
     def route_back(self, owned_ci_rest: torch.Tensor, num_codebooks: int, peer_queries: Sequence[int]) -> torch.Tensor:
