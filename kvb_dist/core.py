@@ -325,8 +325,9 @@ class KeyValueBottleneck(nn.Module):
     def input_problem(self, x) -> Optional[str]:
         """Why x is not a valid input [batch, num_codebooks, *spatial, dim_keys] (or the module cannot
         take any, see state_problem), or None."""
-        if self.state_problem():
-            return self.state_problem()
+        state_problem = self.state_problem()
+        if state_problem:
+            return state_problem
         expected = f"[batch, num_codebooks={self.num_codebooks}, *spatial, dim_keys={self.dim_keys}]"
         if not isinstance(x, torch.Tensor):
             return f"input must be a torch.Tensor {expected}, got {type(x).__name__}"
@@ -369,8 +370,9 @@ class KeyValueBottleneck(nn.Module):
 
     def indices_problem(self, indices) -> Optional[str]:
         """Why indices is not valid input for values_at, or None."""
-        if self.state_problem():
-            return self.state_problem()
+        state_problem = self.state_problem()
+        if state_problem:
+            return state_problem
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
             return "indices must be an int64 tensor [batch, num_codebooks, t, *spatial]"
         if indices.ndim < 3 or indices.shape[1] != self.num_codebooks:
