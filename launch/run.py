@@ -135,7 +135,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         folder = RunFolder.claim(config, layout, redo=args.redo)
         tracker = Tracker(accelerator, config, config.run_dir)
-        ctx = RunContext(config=config, layout=layout, tracker=tracker, device=accelerator.device, stop=stop)
+        ctx = RunContext(
+            config=config, layout=layout, tracker=tracker, device=accelerator.device, stop=stop,
+            mixed_precision=str(accelerator.mixed_precision),
+        )
         summary = run_phases(ctx, args.phases)
         if accelerator.is_main_process and summary:
             print("\nfinal average accuracy (all classes, after the last task)")

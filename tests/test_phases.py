@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvb_dist.run import builders
 from kvb_dist.run.config import load_config
 from kvb_dist.run.phases import evaluate, freeze, train
 
@@ -25,7 +26,7 @@ def test_offline_encoder_embeds_digits():
     config = load_config(None, ["data.image_size=32"])
     splits = freeze.raw_splits(config)
     images = torch.from_numpy(splits["train"][0][:4])
-    embeddings = freeze.build_encoder(config)(images)
+    embeddings = builders.build_encoder(config)(images)
     assert embeddings.shape == (4, 1280) and torch.isfinite(embeddings).all()
     assert (embeddings[0] - embeddings[1]).abs().max() > 0  # different digits, different embeddings
 
@@ -37,7 +38,7 @@ def test_hub_and_download_encoders_fail_with_instructions(monkeypatch):
     monkeypatch.setattr(torch.hub, "load", no_network)
     config = load_config(None, ["encoder.name=dino_resnet50"])
     with pytest.raises(RuntimeError, match="could not fetch the pretrained DINO weights.*TORCH_HOME"):
-        freeze.build_encoder(config)
+        builders.build_encoder(config)
     cifar = load_config(None, ["data.dataset=cifar10", "data.root=/nonexistent"])
     with pytest.raises((ImportError, RuntimeError), match="torchvision|download it once"):
         freeze.raw_splits(cifar)

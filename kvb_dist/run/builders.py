@@ -3,9 +3,10 @@ checkpoints are built, so that a later phase rebuilds exactly what an earlier on
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
+from torch import nn
 
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 from kvb_dist.run.checkpoint import CheckpointSeries
@@ -76,3 +77,32 @@ def build_bottleneck(
         device="meta" if from_checkpoint else device,
     )
     return module.to_empty(device=device if device is not None else "cpu") if from_checkpoint else module
+
+
+def build_encoder(config, mixed_precision: str = "no") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The freeze phase's frozen function inputs [b, ...] -> embeddings [b, d] (float32).
+
+    mixed_precision: the Accelerate setting (no | bf16 | fp16) the encoder runs under.
+    """
+    enc = config.encoder
+    if enc.name == "identity":
+        return lambda x: x.flatten(1)
+    if enc.name == "efficientnet_lite0":
+        from kvb_dist.encoders import EfficientNetLite0Encoder, imagenet_preprocess
+
+        network = EfficientNetLite0Encoder(pool=enc.pool_embedding, image_size=config.data.image_size)
+        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
+    else:
+        from kvb_dist.encoders import dino_encoder, imagenet_preprocess
+
+        network = dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
+        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
+    network = _frozen(network)
+    return lambda x: network(preprocess(x)).flatten(1)
+
+
+def _frozen(network: nn.Module) -> nn.Module:
+    network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return network

@@ -36,6 +36,7 @@ class RunContext:
     tracker: Tracker
     device: torch.device
     stop: StopRequest = field(default_factory=StopRequest)  # install() it to stop on SIGTERM
+    mixed_precision: str = "no"  # the Accelerate setting the freeze phase runs the encoder under
 
     @property
     def run_dir(self) -> Path:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from kvb_dist.data.shards import INDEX_NAME, index_part_name, merge_index_parts, write_embeddings
 from kvb_dist.distributed.layout import shard_ranges
-from kvb_dist.run.builders import embeddings_dir
+from kvb_dist.run.builders import build_encoder, embeddings_dir
 
 logger = logging.getLogger(__name__)
 
@@ -90,32 +89,6 @@ def _cifar_splits(root: str, name: str) -> Dict[str, Split]:
     return splits
 
 
-def build_encoder(config) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A frozen function inputs [b, ...] -> embeddings [b, d]."""
-    enc = config.encoder
-    if enc.name == "identity":
-        return lambda x: x.flatten(1)
-    if enc.name == "efficientnet_lite0":
-        from kvb_dist.encoders import EfficientNetLite0Encoder, imagenet_preprocess
-
-        network = EfficientNetLite0Encoder(pool=enc.pool_embedding, image_size=config.data.image_size)
-        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
-    else:
-        from kvb_dist.encoders import dino_encoder, imagenet_preprocess
-
-        network = dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
-        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
-    network = _frozen(network)
-    return lambda x: network(preprocess(x)).flatten(1)
-
-
-def _frozen(network: nn.Module) -> nn.Module:
-    network.eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
-    return network
-
-
 def run(ctx) -> None:
     config, layout = ctx.config, ctx.layout
     splits = raw_splits(config)
@@ -124,7 +97,7 @@ def run(ctx) -> None:
     if not todo:
         logger.info("freeze: embeddings already written, skipping")
         return
-    encoder = build_encoder(config)
+    encoder = build_encoder(config, ctx.mixed_precision)
     for name in todo:
         inputs, labels = splits[name]
         start, stop = shard_ranges(len(labels), layout.world_size)[layout.rank]
