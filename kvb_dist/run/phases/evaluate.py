@@ -74,20 +74,28 @@ def plot_key_usage(usage: Dict[str, List[float]], path: Path, title: str) -> Pat
 
 
 def format_table(results: Dict[str, Dict[str, Dict]]) -> str:
-    settings = sorted({s for by_setting in results.values() for s in by_setting})
-    lines = [f"{'learner':<14}" + "".join(f"{s:>20}" for s in settings)]
+    """One line per learner and setting: average accuracy after the last task, and forgetting
+    (class-incremental with more than one task; "-" where it does not apply)."""
+    width = max([len("learner")] + [len(learner) for learner in results]) + 2
+    setting_width = max([len("setting")] + [len(s) for by_setting in results.values() for s in by_setting]) + 2
+    lines = [f"{'learner':<{width}}{'setting':<{setting_width}}{'accuracy':>10}{'forgetting':>12}"]
     for learner, by_setting in results.items():
-        cells = "".join(
-            f"{by_setting[s]['average_accuracy']:>20.3f}" if s in by_setting else f"{'-':>20}" for s in settings
-        )
-        lines.append(f"{learner:<14}{cells}")
+        for setting, metrics in sorted(by_setting.items()):
+            forgetting = f"{metrics['forgetting']:.3f}" if "forgetting" in metrics else "-"
+            lines.append(f"{learner:<{width}}{setting:<{setting_width}}{metrics['average_accuracy']:>10.3f}{forgetting:>12}")
     return "\n".join(lines)
+
+
+def accuracy_table_rows(matrix: List[List[float]]) -> List[List]:
+    """Rows of the accuracy matrix as a wandb table: the training task, then accuracy per evaluated task."""
+    return [[i, *row] for i, row in enumerate(matrix)]
 
 
 def run(ctx) -> Dict:
     """Reads every stream's record; rank 0 writes results.json and the plots; returns the summary."""
     config = ctx.config
     results: Dict[str, Dict[str, Dict]] = {}
+    matrices: Dict[str, List[List[float]]] = {}
     images = {}
     plots = ctx.path("plots")
     for learner in config.train.learners:
@@ -98,6 +106,7 @@ def run(ctx) -> Dict:
                 raise ValueError(f"no finished training for {setting} / {learner}: run the train phase first")
             record = saved["record"]
             results.setdefault(learner, {})[setting] = summarize(record)
+            matrices[f"accuracy_matrix/{setting}/{learner}"] = record["accuracy"]
             if ctx.is_main:
                 plots.mkdir(parents=True, exist_ok=True)
                 images[f"plots/accuracy_{setting}_{learner}"] = plot_accuracy_matrix(
@@ -120,5 +129,11 @@ def run(ctx) -> Dict:
             if isinstance(value, float)
         }
         ctx.tracker.log(flat)
+        for name, matrix in matrices.items():
+            columns = ["after task"] + [f"task {j}" for j in range(len(matrix[0]))]
+            ctx.tracker.log_table(name, columns, accuracy_table_rows(matrix))
         ctx.tracker.log_images(images)
+        files = {"results.json": ctx.path("results.json")}
+        files.update({f"plots/{path.name}": path for path in images.values()})
+        ctx.tracker.log_artifact("results", "results", files)
     return summary

@@ -398,7 +398,8 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
             if step % 10 == 0 or step == steps_per_task:
                 elapsed = time.perf_counter() - started
                 samples_per_s = (step - started_step) * config.train.batch_size / max(elapsed, 1e-9)
-                ctx.tracker.log({f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s})
+                ctx.tracker.log_stream(prefix, {f"{prefix}/loss": float(loss), f"{prefix}/samples_per_s": samples_per_s},
+                                       task_index, step, steps_per_task)
                 record["losses"].append(float(loss))
             # Asked every STOP_CHECK_EVERY steps: the agreement is an all-reduce, about a step's time on gloo.
             if (step % STOP_CHECK_EVERY == 0 or step == steps_per_task) and ctx.stop.agreed(layout):
@@ -415,7 +416,7 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
         if isinstance(learner, BottleneckLearner):
             record["unused_keys"] = float(learner.bottleneck.fraction_of_unused_keys())
             metrics[f"{prefix}/unused_keys"] = record["unused_keys"]
-        ctx.tracker.log(metrics)
+        ctx.tracker.log_stream(prefix, metrics, task_index, step, steps_per_task)  # at the task's last step
         if ctx.is_main:
             logger.info("%s after task %d: %s", prefix, t, " ".join(f"{a:.3f}" for a in row))
         task_index, step = task_index + 1, 0
