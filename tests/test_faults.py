@@ -9,6 +9,8 @@ import signal
 import time
 from datetime import timedelta
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -202,20 +204,29 @@ def phases_worker(rank, world_size, out_dir):
 
     layout = ParallelLayout.build()
     outcome = {}
-    # A train shard unreadable on rank 1 only is dropped on both ranks: the same train set everywhere.
+    # A train shard unreadable on rank 1 only is dropped on both ranks: the same train set
+    # everywhere. Each rank reads only its half; without shard 15 rank 1's half starts in shard 9,
+    # which it reads after the agreement.
     ctx = _context(out_dir, layout)
     folder = ctx.path("embeddings", "train")
     if rank == 0:
         _write_embeddings(folder, 20)
     layout.barrier()
-    unreadable = "shard-000007.tar"
-    if rank == 1:
-        real_read = train.read_shard
-        train.read_shard = lambda url, *a, **k: (_ for _ in ()).throw(OSError("gone")) if url.endswith(unreadable) else real_read(url, *a, **k)
+    unreadable = "shard-000015.tar"
+    real_read, urls_read = train.read_shard, []
+
+    def read_shard(url, *args, **kwargs):
+        urls_read.append(Path(url).name)
+        if rank == 1 and url.endswith(unreadable):
+            raise OSError("gone")
+        return real_read(url, *args, **kwargs)
+
+    train.read_shard = read_shard
     split = train.load_split(folder, layout)
-    if rank == 1:
-        train.read_shard = real_read
-    outcome["split"] = (split["features"].sum().item(), len(split["labels"]), split["samples_skipped"])
+    train.read_shard = real_read
+    assert split["features"].shape == (95, 4)  # this rank's half of the 190 rows only
+    outcome["split"] = (split["features"].double().sum().item(), split["labels"].tolist(), split["rows"], split["samples_skipped"])
+    outcome["read"] = urls_read
 
     # EMA key fitting with 3 of 20 shards truncated (over the 10 % limit): an error on every rank.
     ctx = _context(out_dir, layout, "init.method=ema")
@@ -245,7 +256,17 @@ def phases_worker(rank, world_size, out_dir):
 @pytest.mark.timeout(90)
 def test_phases_decide_together_on_bad_shards(tmp_path):
     outcomes = run_ranks(2, phases_worker, str(tmp_path), timeout=60)
-    assert outcomes[0]["split"] == outcomes[1]["split"] and outcomes[0]["split"][1:] == (190, 10)
+    import numpy as np
+
+    rows = [i for i in range(200) if i // 10 != 15]  # what is left without shard 15, in key order
+    features = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)[rows]
+    (sum0, labels0, rows0, skipped0), (sum1, labels1, rows1, skipped1) = outcomes[0]["split"], outcomes[1]["split"]
+    assert labels0 == labels1 == [i % 10 for i in rows] and skipped0 == skipped1 == 10
+    assert rows0 == (0, 95) and rows1 == (95, 190)
+    assert sum0 == pytest.approx(features[:95].astype(np.float64).sum()) and sum1 == pytest.approx(features[95:].astype(np.float64).sum())
+    # Each rank read its own half only (rank 1: shard 9 after shard 15 was dropped).
+    assert sorted(set(outcomes[0]["read"])) == [f"shard-{i:06d}.tar" for i in range(10)]
+    assert sorted(set(outcomes[1]["read"])) == [f"shard-{i:06d}.tar" for i in range(9, 20)]
     for outcome in outcomes:
         assert "3 of 20 shards (30 samples) are unreadable over all ranks" in outcome["ema"]
         assert "--redo freeze" in outcome["few_shards"] and "1 shard(s), fewer than the 2 ranks" in outcome["few_shards"]

@@ -5,11 +5,15 @@
     python -m kvb_dist.data write-toy OUT [--num-points 10000] [--classes 0 1] [--uniform] [--seed 0]
     python -m kvb_dist.data write-images IMAGE_ROOT OUT      (IMAGE_ROOT/<class name>/<image>)
     python -m kvb_dist.data info DIR [--verify]              (the index; --verify reads every shard)
+    python -m kvb_dist.data index PATTERN [--out FILE] [--label-key cls]
+                                                             (samples and labels per shard of a WebDataset
+                                                             pattern, e.g. 'train-{000000..001281}.tar')
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import List, Optional
@@ -82,6 +86,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_argument("folder")
     sub.add_argument("--verify", action="store_true", help="read every shard and check it against the index")
 
+    sub = commands.add_parser("index", help="count the samples and labels of a WebDataset pattern's shards")
+    sub.add_argument("pattern", help="WebDataset URL pattern: braces, '::' between patterns, local paths, pipe:")
+    sub.add_argument("--out", help="write the counts as JSON here (default: print a summary only)")
+    sub.add_argument("--label-key", default="cls")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -95,6 +104,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                               seed=args.seed, **_writer_args(args))
         elif args.command == "write-images":
             index = write_image_folder(args.root, args.out, **_writer_args(args))
+        elif args.command == "index":
+            from kvb_dist.data.sources import count_pattern
+
+            counts = count_pattern(args.pattern, args.label_key)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(counts, f, indent=1)
+            print(f"{counts['num_samples']} samples in {counts['num_shards']} shards; classes ({len(counts['class_histogram'])}): "
+                  f"{counts['class_histogram']}" + (f"\nwrote {args.out}" if args.out else ""))
+            return 0
         else:
             index = ShardIndex.load(args.folder)
             print(index.summary())

@@ -262,6 +262,34 @@ class ParallelLayout:
             raise value
         return value
 
+    def failed_together(self, work: Callable[[], Any]) -> Any:
+        """work() on every rank; if it raised on any rank, an error on every rank (the rank's own
+        error where it failed), so that no rank waits in a collective for one that gave up."""
+        try:
+            value, error = work(), None
+        except Exception as raised:
+            value, error = None, raised
+        failed = self.all_gather_world(torch.tensor([error is not None], dtype=torch.int32))[:, 0].tolist()
+        if error is not None:
+            raise error
+        if any(failed):
+            raise RuntimeError(f"rank(s) {[r for r, f in enumerate(failed) if f]} failed: see their log")
+        return value
+
+    def first_on_rank0(self, work: Callable[[], Any]) -> Any:
+        """work() at mesh position 0 first, then on the other ranks: a download happens once, and
+        the others find it done. An error at position 0 is raised on every rank."""
+        value, error = None, None
+        if self.rank == 0:
+            try:
+                value = work()
+            except Exception as raised:
+                error = raised
+        decided = self.broadcast_object(error)
+        if decided is not None:
+            raise error if error is not None else decided
+        return value if self.rank == 0 else work()
+
     def new_cpu_group(self) -> Optional[dist.ProcessGroup]:
         """A gloo group of this layout's ranks with the default group's timeout (None for a world
         of one), e.g. for collectives of a background thread. Collective over the layout's ranks."""

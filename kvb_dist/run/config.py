@@ -34,10 +34,22 @@ class RunSection:
     threads: int = 0  # torch threads per rank; 0 keeps torch's default
 
 
+IMAGE_KEYS = ["jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff"]
+
+
 @dataclass
 class DataSection:
-    dataset: str = "digits"  # digits | toy | cifar10
-    root: str = "data"  # where downloadable data sets are stored
+    dataset: str = "digits"  # digits | toy | cifar10 | webdataset | imagefolder
+    root: str = "data"  # downloads (cifar10); imagefolder: root/<class>/<image> (or root/train, root/test)
+    # webdataset: URL patterns of the splits (brace expansion, "::" between patterns, local paths, pipe:)
+    train: str = ""
+    test: str = ""
+    init: str = ""  # optional: key fitting on other data than train
+    image_keys: List[str] = field(default_factory=lambda: list(IMAGE_KEYS))  # the first one a sample has is its image
+    feature_key: str = "npy"  # a sample with this field is a precomputed feature array instead
+    label_key: str = "cls"
+    # Tasks take classes in this order: [] = sorted labels, "random" = shuffled with run.seed, or a list of labels.
+    class_order: Any = field(default_factory=list)
     test_fraction: float = 0.2  # digits / toy: held-out share per class
     image_size: int = 64  # images are resized to this before the encoder
     num_tasks: int = 5
@@ -119,7 +131,7 @@ class Config:
 CHOICES = {
     "run.tracker": ("wandb", "none"),
     "run.wandb_mode": ("auto", "offline", "online", "disabled"),
-    "data.dataset": ("digits", "toy", "cifar10"),
+    "data.dataset": ("digits", "toy", "cifar10", "webdataset", "imagefolder"),
     "data.init_dataset": ("same", "cifar100", "uniform"),
     "encoder.name": ("efficientnet_lite0", "dino_resnet50", "dino_vits8", "identity"),
     "bottleneck.splitting_mode": ("chunk", "random_projection"),
@@ -158,6 +170,13 @@ def _field_types(section_cls: type) -> Dict[str, Any]:
 
 def _coerce(path: str, value: Any, kind: Any, from_text: bool) -> Any:
     """Check (or, for command-line text, convert) a value against the field's type."""
+    if kind is Any:  # data.class_order: "random" or a list of labels, checked by validate()
+        if from_text and isinstance(value, str) and value.strip() != "random":
+            try:
+                return [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"{path} must be 'random' or comma-separated integer labels, got {value!r}") from None
+        return value.strip() if isinstance(value, str) else value
     if typing.get_origin(kind) in (list, List):
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -215,6 +234,37 @@ def _run_name_problem(name: str) -> Optional[str]:
     if ".." in parts:
         return "has a '..' part"
     return None
+
+
+def _check_data_sources(data: DataSection) -> None:
+    if data.dataset == "webdataset":
+        missing = [key for key in ("train", "test") if not getattr(data, key).strip()]
+        if missing:
+            raise ValueError(
+                f"data.dataset=webdataset needs data.{' and data.'.join(missing)}: WebDataset URL patterns such as "
+                "'/data/train-{000000..000127}.tar' or 'pipe:curl -s https://host/train-{0000..0127}.tar'"
+            )
+    elif data.train or data.test or data.init:
+        raise ValueError(f"data.train / data.test / data.init are URL patterns for data.dataset=webdataset, not {data.dataset!r}")
+    if data.init and data.init_dataset != "same":
+        raise ValueError(f"data.init={data.init!r} and data.init_dataset={data.init_dataset!r}: give one source of key-fitting data")
+    if not data.image_keys or not data.label_key or not data.feature_key:
+        raise ValueError("data.image_keys, data.feature_key and data.label_key must not be empty")
+    order = data.class_order
+    valid_order = order == "random" or (
+        isinstance(order, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in order)
+    )
+    if not valid_order:
+        raise ValueError(f"data.class_order must be 'random', [] (sorted labels) or a list of integer labels, got {order!r}")
+    if isinstance(order, list):
+        repeated = sorted({c for c in order if order.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data.class_order lists {repeated} more than once")
+        if order and len(order) < data.num_tasks * data.classes_per_task:
+            raise ValueError(
+                f"data.class_order has {len(order)} classes, fewer than data.num_tasks x data.classes_per_task = "
+                f"{data.num_tasks * data.classes_per_task}"
+            )
 
 
 def _check_world_size(config: Config, world_size: int) -> None:
@@ -289,8 +339,10 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     if not config.train.settings or not config.train.learners:
         raise ValueError("train.settings and train.learners must not be empty")
     data = config.data
-    available = _dataset_classes(data.dataset)
-    if data.num_tasks * data.classes_per_task > available:
+    _check_data_sources(data)
+    # Users' data sets: their classes are known once the freeze phase has read them (train checks).
+    available = _dataset_classes(data.dataset) if data.dataset in DATASET_CLASSES or data.dataset == "toy" else None
+    if available is not None and data.num_tasks * data.classes_per_task > available:
         raise ValueError(
             f"data.num_tasks x data.classes_per_task = {data.num_tasks} x {data.classes_per_task} = "
             f"{data.num_tasks * data.classes_per_task} exceeds the {available} classes of "

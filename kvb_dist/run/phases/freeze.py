@@ -1,21 +1,27 @@
 """Freeze phase: build the encoder, freeze it, embed every split once into shard sets.
 
 A frozen encoder gives the same embedding every epoch, so the later phases stream small
-embedding shards instead of images. Each rank embeds a contiguous part of every split and
-writes its own shards; rank 0 merges the index parts once all are written.
+embedding shards instead of images. Each rank embeds its parts of every split (a contiguous
+range of rows, or a WebDataset pattern's shards r, r + W, ...: kvb_dist.data.sources) and
+writes its own shards; rank 0 merges the index parts once all are written. No index of the
+users' data is needed: the merged index counts what was embedded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from typing import Dict, Tuple
+import sys
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
-from kvb_dist.data.shards import INDEX_NAME, index_part_name, merge_index_parts, write_embeddings
-from kvb_dist.distributed.layout import shard_ranges
+from tqdm import tqdm
+
+from kvb_dist.data.shards import INDEX_NAME, image_folder_samples, index_part_name, merge_index_parts, write_embeddings
+from kvb_dist.data.sources import ArraySource, image_files_source, webdataset_source
 from kvb_dist.run.builders import build_encoder, embeddings_dir
 
 logger = logging.getLogger(__name__)
@@ -89,41 +95,92 @@ def _cifar_splits(root: str, name: str) -> Dict[str, Split]:
     return splits
 
 
+def image_folder_splits(root: str, test_fraction: float, seed: int) -> Tuple[dict, List[str]]:
+    """{"train", "test"}: [(path, label)] of an ImageFolder tree, and the class names.
+
+    root/train/<class>/ and root/test/<class>/ when both exist (the usual layout), else
+    root/<class>/ split per class by test_fraction (deterministic for a seed).
+    """
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        train, names = image_folder_samples(os.path.join(root, "train"))
+        test, test_names = image_folder_samples(os.path.join(root, "test"))
+        if test_names != names:
+            raise ValueError(f"{root}/train and {root}/test have different class folders: {names} vs {test_names}")
+        return {"train": train, "test": test}, names
+    files, names = image_folder_samples(root)
+    train_rows, test_rows = stratified_split(np.array([label for _, label in files]), test_fraction, seed)
+    return {"train": [files[i] for i in train_rows], "test": [files[i] for i in test_rows]}, names
+
+
+def split_sources(config) -> Dict[str, object]:
+    """The freeze phase's sources of a config: {"train", "test"[, "init"]}."""
+    data = config.data
+    if data.dataset == "webdataset":
+        keys = dict(image_keys=data.image_keys, feature_key=data.feature_key, label_key=data.label_key)
+        patterns = {"train": data.train, "test": data.test, **({"init": data.init} if data.init else {})}
+        return {split: webdataset_source(split, pattern, data.image_size, **keys) for split, pattern in patterns.items()}
+    if data.dataset == "imagefolder":
+        files, names = image_folder_splits(data.root, data.test_fraction, config.run.seed)
+        return {
+            split: image_files_source(split, rows, data.image_size, data.samples_per_shard, class_names=names)
+            for split, rows in files.items()
+        }
+    return {split: ArraySource(*arrays, split) for split, arrays in raw_splits(config).items()}
+
+
+def _with_progress(batches: Iterator, bar) -> Iterator:
+    for batch in batches:
+        yield batch
+        bar.update(len(batch[1]))
+
+
+def embed_split(ctx, name: str, source, encoder) -> None:
+    """This rank's parts of a split through the encoder into the split's embedding set (collective)."""
+    config, layout = ctx.config, ctx.layout
+    folder = embeddings_dir(ctx, name)
+    if ctx.is_main and folder.exists():  # an unfinished earlier attempt, maybe on more ranks
+        shutil.rmtree(folder)
+    layout.barrier()
+    parts = source.parts(layout.rank, layout.world_size)
+    # A bar for people at a terminal (the sample count: a WebDataset split is counted as it is read).
+    bar = tqdm(desc=f"freeze: embedding {name}", unit=" samples", disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
+
+    def embed_parts() -> None:
+        for part in parts:
+            write_embeddings(
+                str(folder),
+                _with_progress(part.batches(config.encoder.batch_size), bar),
+                encoder,
+                device=ctx.device,
+                shard_prefix=part.name,
+                index_name=index_part_name(part.number),
+                samples_per_shard=config.data.samples_per_shard,
+                overwrite=True,
+                metadata={"split": name, "encoder": config.encoder.name},
+                class_names=source.class_names,
+            )
+
+    try:
+        layout.failed_together(embed_parts)  # a bad sample on one rank stops every rank, none waits
+    finally:
+        bar.close()
+    index = layout.decided_on_rank0(lambda: merge_index_parts(str(folder)))
+    if not index.num_samples:
+        where = getattr(config.data, name) if config.data.dataset == "webdataset" else config.data.dataset
+        raise ValueError(f"the {name} split has no samples ({where})")
+    logger.info("freeze: %s: %s", name, index.summary().splitlines()[0])
+
+
 def run(ctx) -> None:
     config, layout = ctx.config, ctx.layout
-    splits = raw_splits(config)
+    splits = ("train", "test", *(("init",) if config.data.init or config.data.init_dataset != "same" else ()))
     # Decided on rank 0 for everyone: ranks must not disagree on what is done.
     todo = layout.decided_on_rank0(lambda: [name for name in splits if not (embeddings_dir(ctx, name) / INDEX_NAME).is_file()])
     if not todo:
         logger.info("freeze: embeddings already written, skipping")
         return
-    encoder = build_encoder(config, ctx.mixed_precision)
+    # Downloads (data sets, pretrained weights) happen once, on rank 0, before the others look.
+    sources = layout.first_on_rank0(lambda: split_sources(config))
+    encoder = layout.first_on_rank0(lambda: build_encoder(config, ctx.mixed_precision))
     for name in todo:
-        inputs, labels = splits[name]
-        start, stop = shard_ranges(len(labels), layout.world_size)[layout.rank]
-        folder = embeddings_dir(ctx, name)
-        if ctx.is_main and folder.exists():  # an unfinished earlier attempt, maybe on more ranks
-            shutil.rmtree(folder)
-        layout.barrier()
-
-        def batches(start=start, stop=stop, inputs=inputs, labels=labels, name=name):
-            step = config.encoder.batch_size
-            for first in range(start, stop, step):
-                last = min(first + step, stop)
-                keys = [f"{name}_{i:09d}" for i in range(first, last)]
-                yield torch.from_numpy(inputs[first:last]), torch.from_numpy(labels[first:last]), keys
-
-        write_embeddings(
-            str(folder),
-            batches(),
-            encoder,
-            device=ctx.device,
-            shard_prefix=f"rank{layout.rank:05d}",
-            index_name=index_part_name(layout.rank),
-            samples_per_shard=config.data.samples_per_shard,
-            overwrite=True,
-            metadata={"split": name, "encoder": config.encoder.name},
-        )
-        layout.barrier()
-        index = layout.decided_on_rank0(lambda folder=folder: merge_index_parts(str(folder)))
-        logger.info("freeze: %s: %s", name, index.summary().splitlines()[0])
+        embed_split(ctx, name, sources[name], encoder)

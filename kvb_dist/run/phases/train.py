@@ -18,8 +18,10 @@ optimizer touches only the fetched rows.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Dict, List, Sequence
@@ -58,46 +60,122 @@ MAX_BAD_FRACTION = 0.1
 _SKIPPED, _NONFINITE = 1.0, 2.0
 
 
-def load_split(folder, layout) -> Dict:
-    """A whole embedding shard set in memory, in key order, identical on every rank:
-    features [N, d], labels [N], and how many samples unreadable shards held.
+def load_split(folder, layout, label_of=None) -> Dict:
+    """This rank's contiguous part of an embedding shard set, in key order, and every label.
 
-    Every rank reads every shard; a shard unreadable on any rank is dropped on all of them, so
-    ranks never train on different sets. More bad shards than MAX_BAD_FRACTION, or NaN / inf
-    features anywhere, raise on every rank.
+    Returns features [n_mine, d] of rows start..stop of the split (`rows`: (start, stop), the
+    ranges `rank_chunks` uses), labels [N] of all rows (mapped by `label_of`, original labels ->
+    0..K-1 or -1), and how many samples unreadable shards held. The freeze phase names shards so
+    that, sorted by name, they list the samples in key order; a rank reads only the shards that
+    hold its rows, so no rank holds the whole set's features.
+
+    A shard unreadable on any rank is dropped on all of them, so ranks never train on different
+    sets; the ranges then move and a rank reads the shards its new range needs. More bad shards
+    than MAX_BAD_FRACTION, or NaN / inf features anywhere, raise on every rank.
     """
     index = layout.decided_on_rank0(lambda: ShardIndex.load(str(folder)))
-    shards, problems = {}, torch.zeros(index.num_shards, dtype=torch.float64)
-    for i, info in enumerate(index.shards):
-        try:
-            shards[i] = read_shard(index.url_of(info), info, index)
-        except NonFiniteFeatures as error:
-            problems[i] = _NONFINITE
-            logger.error("%s", error)
-        except Exception as error:  # missing, truncated, corrupt: decided together below
-            problems[i] = _SKIPPED
-            logger.warning("shard %s is unreadable here: %s", index.url_of(info), error)
-    problems = layout.all_reduce_world(problems, op=dist.ReduceOp.MAX)
-    bad = [i for i in range(index.num_shards) if problems[i] > 0]
-    if any(problems[i] == _NONFINITE for i in bad):
-        raise ValueError(f"NaN or infinite features in {folder} (see the log of the rank that read them)")
-    if len(bad) > MAX_BAD_FRACTION * index.num_shards:
-        raise ValueError(
-            f"{len(bad)} of {index.num_shards} shards of {folder} are unreadable on some rank, more than "
-            f"{MAX_BAD_FRACTION:.0%}: {[index.shards[i].name for i in bad][:5]}"
-        )
-    kept = [shards[i] for i in range(index.num_shards) if problems[i] == 0]
-    if not sum(len(s.keys) for s in kept):
+    shards = sorted(index.shards, key=lambda info: info.name)
+    problems = torch.zeros(len(shards), dtype=torch.float64)
+    read: Dict[int, object] = {}
+    known_bad = 0
+    while True:
+        kept = [i for i in range(len(shards)) if problems[i] == 0]
+        ends = np.cumsum([shards[i].num_samples for i in kept])
+        start, stop = shard_ranges(int(ends[-1]) if len(ends) else 0, layout.world_size)[layout.rank]
+        mine = [i for i, end, size in zip(kept, ends, (shards[i].num_samples for i in kept)) if end > start and end - size < stop]
+        for i in mine:
+            if i in read:
+                continue
+            try:
+                read[i] = read_shard(index.url_of(shards[i]), shards[i], index)
+            except NonFiniteFeatures as error:
+                problems[i] = _NONFINITE
+                logger.error("%s", error)
+            except Exception as error:  # missing, truncated, corrupt: decided together below
+                problems[i] = _SKIPPED
+                logger.warning("shard %s is unreadable here: %s", index.url_of(shards[i]), error)
+        problems = layout.all_reduce_world(problems, op=dist.ReduceOp.MAX)
+        bad = [i for i in range(len(shards)) if problems[i] > 0]
+        if any(problems[i] == _NONFINITE for i in bad):
+            raise ValueError(f"NaN or infinite features in {folder} (see the log of the rank that read them)")
+        if len(bad) > MAX_BAD_FRACTION * len(shards):
+            raise ValueError(
+                f"{len(bad)} of {len(shards)} shards of {folder} are unreadable on some rank, more than "
+                f"{MAX_BAD_FRACTION:.0%}: {[shards[i].name for i in bad][:5]}"
+            )
+        if len(bad) == known_bad:  # no rank found a new bad shard: every rank read its whole range
+            break
+        known_bad = len(bad)
+    if not len(ends) or not ends[-1]:
         raise ValueError(f"no samples in {folder}")
-    keys = [key for shard in kept for key in shard.keys]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    features = torch.from_numpy(np.concatenate([s.features.reshape(len(s.keys), math.prod(index.feature_shape)) for s in kept]))
-    labels = torch.from_numpy(np.concatenate([s.labels for s in kept]))
+    dim = math.prod(index.feature_shape)
+    pieces = [read[i] for i in mine]
+    keys = [key for piece in pieces for key in piece.keys]
+    first = int(ends[kept.index(mine[0])] - shards[mine[0]].num_samples) if mine else start
+    keys = keys[start - first : stop - first]
+    if any(a >= b for a, b in zip(keys, keys[1:])):
+        raise ValueError(f"the shards of {folder} do not list their samples in key order: rewrite them (--redo freeze)")
+    features = torch.from_numpy(np.concatenate([p.features.reshape(len(p.keys), dim) for p in pieces] or [np.zeros((0, dim), np.float32)]))
+    labels = torch.from_numpy(np.concatenate([p.labels for p in pieces] or [np.zeros(0, np.int64)])).long()
+    features, labels = features[start - first : stop - first], labels[start - first : stop - first]
+    (labels,), _ = layout.gather_rows(labels)  # every rank's part, in rank order: all labels
     return {
-        "features": features[order],
-        "labels": labels[order].long(),
-        "samples_skipped": sum(index.shards[i].num_samples for i in bad),
+        "features": features.contiguous(),
+        "labels": labels if label_of is None else label_of(labels),
+        "rows": (start, stop),
+        "dim": dim,
+        "samples_skipped": sum(shards[i].num_samples for i in bad),
     }
+
+
+def class_order(config, histogram: Dict[int, int]) -> List[int]:
+    """The original labels in task order: data.class_order, or the train split's labels sorted
+    (or shuffled with the seed for "random"); unlabelled samples (-1) are never a class."""
+    present = sorted(label for label in histogram if label >= 0)
+    order = config.data.class_order
+    if order == "random":
+        return [present[i] for i in np.random.default_rng(config.run.seed).permutation(len(present))]
+    if not order:
+        return present
+    absent = [label for label in order if label not in histogram]
+    if absent:
+        raise ValueError(f"data.class_order names labels {absent[:10]} that the train split does not have; it has {present[:20]}")
+    return list(order)
+
+
+def label_mapping(order: Sequence[int]):
+    """labels -> their position in `order` (0 .. K-1), -1 for labels not in it."""
+    position = {label: i for i, label in enumerate(order)}
+    return lambda labels: torch.tensor([position.get(label, -1) for label in labels.tolist()], dtype=torch.int64)
+
+
+def task_class_order(ctx) -> List[int]:
+    """The original labels in task order (collective); rank 0 saves them with the class names
+    in classes.json: task t trains on positions t x classes_per_task .. of this list."""
+    config = ctx.config
+
+    def decide() -> List[int]:
+        index = ShardIndex.load(str(embeddings_dir(ctx, "train")))
+        order = class_order(config, index.class_histogram)
+        needed = config.data.num_tasks * config.data.classes_per_task
+        if needed > len(order):
+            raise ValueError(
+                f"data.num_tasks x data.classes_per_task = {needed} exceeds the {len(order)} classes of the train split; "
+                f"valid: num_tasks x classes_per_task <= {len(order)}"
+            )
+        names = index.class_names
+        record = {
+            "class_order": order,
+            "class_names": [names[label] for label in order] if names else None,
+            "tasks": [order[t * config.data.classes_per_task : (t + 1) * config.data.classes_per_task] for t in range(config.data.num_tasks)],
+        }
+        path = ctx.path("classes.json")
+        temporary = path.with_name(".classes.json.tmp")
+        temporary.write_text(json.dumps(record, indent=1))
+        os.replace(temporary, path)
+        return order
+
+    return ctx.layout.decided_on_rank0(decide)
 
 
 def task_classes(config) -> List[List[int]]:
@@ -148,7 +226,7 @@ class BottleneckLearner:
     def __init__(self, ctx, init_checkpoints, train):
         self.ctx = ctx
         config = ctx.config
-        self.splitter = builders.build_splitter(config, train["features"].shape[1]).to(ctx.device)
+        self.splitter = builders.build_splitter(config, train["dim"]).to(ctx.device)
         # Every tensor comes from the initialize checkpoint (this rank's codebooks only): nothing is drawn first.
         self.bottleneck = builders.build_bottleneck(config, ctx.layout, device=ctx.device, from_checkpoint=True)
         init_checkpoints.load_(builders.init_tensors(self.splitter, self.bottleneck))
@@ -156,7 +234,7 @@ class BottleneckLearner:
         if config.bottleneck.values_init == "zeros":
             with torch.no_grad():
                 self.bottleneck.values.zero_()
-        self.owned_indices = self.cache_owned_indices(train["features"])  # [N, C_mine, t]
+        self.owned_indices = self.cache_owned_indices(train)  # [N, C_mine, t]
         self.bottleneck.reset_cluster_size_counter()  # usage counts training steps only
 
     def parameters(self):
@@ -165,21 +243,23 @@ class BottleneckLearner:
     def heads(self, features: torch.Tensor) -> torch.Tensor:
         return builders.to_heads(self.splitter, features.to(self.ctx.device))
 
-    def cache_owned_indices(self, features: torch.Tensor) -> torch.Tensor:
+    def cache_owned_indices(self, train: Dict) -> torch.Tensor:
         """Pair indices [N, C_mine, t] of every sample for the codebooks this rank holds.
 
-        Each rank looks up its part of the samples; the owners keep what their shard group asked
-        (`owned_indices`) and complete it from their replica group. Memory per rank: N x C / S x t
-        in the smallest integer type that holds J.
+        Each rank looks up its part of the samples (the features it holds); the owners keep what
+        their shard group asked (`owned_indices`) and complete it from their replica group.
+        Memory per rank: N x C / S x t in the smallest integer type that holds J.
         """
         layout, bottleneck = self.ctx.layout, self.bottleneck
-        num_rows = features.shape[0]
+        features, start = train["features"], train["rows"][0]
+        num_rows = train["labels"].shape[0]
         first_peer = layout.replica_index * layout.num_shards
         peer_chunks = [rank_chunks(num_rows, layout, first_peer + s)[0] for s in range(layout.num_shards)]
         rows, indices = [], []
         with torch.no_grad():
             for j, chunk in enumerate(rank_chunks(num_rows, layout)[0]):
-                indices.append(bottleneck.owned_indices(self.heads(features[chunk])).movedim(1, 0).cpu())  # [I, C_mine, t]
+                mine = features[chunk.start - start : chunk.stop - start]
+                indices.append(bottleneck.owned_indices(self.heads(mine)).movedim(1, 0).cpu())  # [I, C_mine, t]
                 rows.append(torch.cat([torch.arange(num_rows)[chunks[j]] for chunks in peer_chunks]))
         # Each replica group looked up different samples: gather them over the replicas.
         (rows, indices), _ = layout.gather_rows(torch.cat(rows), torch.cat(indices).int(), over="replica")
@@ -205,14 +285,18 @@ class BottleneckLearner:
 
 
 class DenseLearner:
-    """Linear probe or MLP on the embeddings, replicated, gradients averaged over ranks."""
+    """Linear probe or MLP on the embeddings, replicated, gradients averaged over ranks.
+
+    A rank holds the features of its contiguous part of the rows only; a step assembles the
+    global batch's features from their holders (one all-gather of row ids, one all-reduce of
+    batch x d floats, each row given by exactly one rank: the sum is exact)."""
 
     sharded = False
 
     def __init__(self, ctx, name, train):
         config = ctx.config
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
-        in_features, num_classes = train["features"].shape[1], config.bottleneck.dim_values
+        in_features, num_classes = train["dim"], config.bottleneck.dim_values
         if name == "linear_probe":
             self.model = LinearProbe(in_features, num_classes)
         else:
@@ -224,7 +308,18 @@ class DenseLearner:
         return list(self.model.parameters())
 
     def train_logits(self, rows):
-        return self.model(self.train["features"][rows].to(self.ctx.device))
+        return self.model(self.features_of(rows).to(self.ctx.device))
+
+    def features_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Features of this rank's slice of the global batch (rows: global row ids)."""
+        layout, features = self.ctx.layout, self.train["features"]
+        start, stop = self.train["rows"]
+        batch_rows = layout.all_gather_world(rows).flatten()  # the global batch, in rank order
+        held = (batch_rows >= start) & (batch_rows < stop)
+        batch = torch.zeros(len(batch_rows), features.shape[1], dtype=features.dtype)
+        batch[held] = features[batch_rows[held] - start]
+        layout.all_reduce_world(batch)
+        return batch[layout.rank * len(rows) : (layout.rank + 1) * len(rows)]
 
     def eval_logits(self, features):
         return self.model(features.to(self.ctx.device))
@@ -319,7 +414,8 @@ def accuracy_per_task(ctx, learner, test, tasks) -> List[float]:
     chunks, ranges = rank_chunks(test["labels"].shape[0], layout)
     start, stop = ranges[layout.rank]
     with torch.no_grad():
-        predictions = [learner.eval_logits(test["features"][rows]).argmax(-1).cpu() for rows in chunks]
+        features = test["features"]  # rows start..stop
+        predictions = [learner.eval_logits(features[rows.start - start : rows.stop - start]).argmax(-1).cpu() for rows in chunks]
     if bottleneck is not None:
         bottleneck.activate_counts()
         bottleneck.cluster_size_counter.copy_(counter)
@@ -430,8 +526,9 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
 
 def run(ctx) -> List[Dict]:
     config = ctx.config
-    train = load_split(embeddings_dir(ctx, "train"), ctx.layout)
-    test = load_split(embeddings_dir(ctx, "test"), ctx.layout)
+    label_of = label_mapping(task_class_order(ctx))
+    train = load_split(embeddings_dir(ctx, "train"), ctx.layout, label_of)
+    test = load_split(embeddings_dir(ctx, "test"), ctx.layout, label_of)
     init_checkpoints = builders.init_checkpoints(ctx)
     if init_checkpoints.record is None and "kvb" in config.train.learners:
         raise ValueError(f"no fitted keys at {init_checkpoints.record_path}: run the initialize phase first")
