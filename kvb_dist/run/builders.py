@@ -79,26 +79,36 @@ def build_bottleneck(
     return module.to_empty(device=device if device is not None else "cpu") if from_checkpoint else module
 
 
-def build_encoder(config, mixed_precision: str = "no") -> Callable[[torch.Tensor], torch.Tensor]:
+def build_encoder(config, mixed_precision: str = "no", *, device=None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The freeze phase's frozen function inputs [b, ...] -> embeddings [b, d] (float32).
 
-    mixed_precision: the Accelerate setting (no | bf16 | fp16) the encoder runs under.
+    mixed_precision: the Accelerate setting (no | bf16 | fp16) the encoder runs under
+    (torch.autocast; the output is cast back to float32). One that cannot apply (fp8, fp16
+    without CUDA, an unknown value) raises ValueError here, before anything is built or
+    downloaded. device: where the inputs will be (default: CUDA when available); the network
+    moves to the inputs' device on the first batch.
     """
+    from kvb_dist import encoders
+
     enc = config.encoder
+    dtype = encoders.autocast_dtype(mixed_precision, torch.device(device).type if device is not None else None)
+    source = encoders.encoder_source(enc.name)
     if enc.name == "identity":
-        return lambda x: x.flatten(1)
-    if enc.name == "efficientnet_lite0":
-        from kvb_dist.encoders import EfficientNetLite0Encoder, imagenet_preprocess
-
-        network = EfficientNetLite0Encoder(pool=enc.pool_embedding, image_size=config.data.image_size)
-        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
+        return lambda x: x.flatten(1).float()
+    if source == "import":
+        network, preprocess = encoders.import_path_encoder(enc.name, enc.kwargs), None  # inputs as they are
+    elif source == "torchvision":
+        network, preprocess = encoders.torchvision_encoder(enc.name[len(encoders.TORCHVISION_PREFIX):], enc.kwargs)
+    elif source == "timm":
+        network, preprocess = encoders.timm_encoder(enc.name[len(encoders.TIMM_PREFIX):], enc.kwargs)
     else:
-        from kvb_dist.encoders import dino_encoder, imagenet_preprocess
-
-        network = dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
-        preprocess = lambda x: imagenet_preprocess(x, config.data.image_size)  # noqa: E731
-    network = _frozen(network)
-    return lambda x: network(preprocess(x)).flatten(1)
+        if enc.name == "efficientnet_lite0":
+            network = encoders.EfficientNetLite0Encoder(pool=enc.pool_embedding, image_size=config.data.image_size)
+        else:
+            network = encoders.dino_encoder(enc.name, enc.extracted_layer, enc.pool_embedding)
+        image_size = config.data.image_size
+        preprocess = lambda x: encoders.imagenet_preprocess(x, image_size)  # noqa: E731
+    return encoders.FrozenEmbedder(_frozen(network), preprocess, dtype)
 
 
 def _frozen(network: nn.Module) -> nn.Module:

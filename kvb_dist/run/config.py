@@ -61,7 +61,11 @@ class DataSection:
 
 @dataclass
 class EncoderSection:
-    name: str = "efficientnet_lite0"  # efficientnet_lite0 | dino_resnet50 | dino_vits8 | identity
+    # efficientnet_lite0 | dino_resnet50 | dino_vits8 | identity | torchvision/<model> | timm/<model>
+    # | package.module:factory (an import path; the factory returns an nn.Module)
+    name: str = "efficientnet_lite0"
+    # import path, torchvision/, timm/: keyword arguments of the factory / get_model / create_model
+    kwargs: Dict[str, Any] = field(default_factory=dict)
     extracted_layer: int = 3  # dino_resnet50: which residual stage
     pool_embedding: bool = True
     batch_size: int = 64
@@ -133,7 +137,6 @@ CHOICES = {
     "run.wandb_mode": ("auto", "offline", "online", "disabled"),
     "data.dataset": ("digits", "toy", "cifar10", "webdataset", "imagefolder"),
     "data.init_dataset": ("same", "cifar100", "uniform"),
-    "encoder.name": ("efficientnet_lite0", "dino_resnet50", "dino_vits8", "identity"),
     "bottleneck.splitting_mode": ("chunk", "random_projection"),
     "bottleneck.values_init": ("zeros", "normal"),
     "init.method": ("kmeans", "ema", "kmeans+ema"),
@@ -177,6 +180,15 @@ def _coerce(path: str, value: Any, kind: Any, from_text: bool) -> Any:
             except ValueError:
                 raise ValueError(f"{path} must be 'random' or comma-separated integer labels, got {value!r}") from None
         return value.strip() if isinstance(value, str) else value
+    if typing.get_origin(kind) in (dict, Dict):  # encoder.kwargs: a mapping, or its YAML / JSON text
+        if from_text and isinstance(value, str):
+            value = _yaml_text(path, value)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(
+                f"{path} must be a mapping with string keys, such as {{hidden: 3}} (or {path}.hidden=3 on the "
+                f"command line), got {value!r}"
+            )
+        return dict(value)
     if typing.get_origin(kind) in (list, List):
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -206,9 +218,23 @@ def _set(config: Config, path: str, value: Any, from_text: bool) -> None:
     if section_name not in sections:
         raise ValueError(f"unknown config section {section_name!r}; valid sections: {sorted(sections)}")
     types = _field_types(sections[section_name])
-    if key not in types:
+    key, _, entry = key.partition(".")  # encoder.kwargs.hidden=3: one entry of a mapping
+    if key not in types or (entry and typing.get_origin(types[key]) not in (dict, Dict)):
         raise ValueError(f"unknown config key {path!r}; valid keys in [{section_name}]: {sorted(types)}")
+    if entry:
+        section = getattr(config, section_name)
+        item = _yaml_text(path, value) if from_text and isinstance(value, str) else value
+        setattr(section, key, {**getattr(section, key), entry: item})
+        return
     setattr(getattr(config, section_name), key, _coerce(path, value, types[key], from_text))
+
+
+def _yaml_text(path: str, text: str) -> Any:
+    """A command-line value read as YAML (JSON is YAML): "3" -> 3, "[1, 2]" -> a list, "{a: 1}" -> a mapping."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}={text!r} is not a YAML / JSON value ({str(error).splitlines()[0]})") from None
 
 
 def _get(config: Config, path: str) -> Any:
@@ -267,6 +293,21 @@ def _check_data_sources(data: DataSection) -> None:
             )
 
 
+def _check_encoder(encoder: EncoderSection) -> None:
+    """The name's syntax only: import paths and library models are resolved by the freeze phase."""
+    from kvb_dist.encoders import encoder_source  # imported here: it pulls in the model code
+
+    if not isinstance(encoder.name, str):
+        raise ValueError(f"encoder.name must be a string, got {encoder.name!r}")
+    if not isinstance(encoder.kwargs, dict) or not all(isinstance(k, str) for k in encoder.kwargs):
+        raise ValueError(f"encoder.kwargs must be a mapping with string keys, got {encoder.kwargs!r}")
+    if encoder_source(encoder.name) == "builtin" and encoder.kwargs:
+        raise ValueError(
+            f"encoder.kwargs={encoder.kwargs!r} applies to import-path, torchvision/ and timm/ encoders only; "
+            f"encoder.name={encoder.name!r} takes none (use its own keys: extracted_layer, pool_embedding)"
+        )
+
+
 def _check_world_size(config: Config, world_size: int) -> None:
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -316,6 +357,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Config:
     for path in sorted(NON_NEGATIVE):
         if _get(config, path) < 0:
             raise ValueError(f"{path} must be >= 0, got {_get(config, path)}")
+    _check_encoder(config.encoder)
     b = config.bottleneck
     if b.topk > b.key_value_pairs_per_codebook:
         raise ValueError(f"bottleneck.topk={b.topk} exceeds bottleneck.key_value_pairs_per_codebook")

@@ -181,6 +181,6 @@ def run(ctx) -> None:
         return
     # Downloads (data sets, pretrained weights) happen once, on rank 0, before the others look.
     sources = layout.first_on_rank0(lambda: split_sources(config))
-    encoder = layout.first_on_rank0(lambda: build_encoder(config, ctx.mixed_precision))
+    encoder = layout.first_on_rank0(lambda: build_encoder(config, ctx.mixed_precision, device=ctx.device))
     for name in todo:
         embed_split(ctx, name, sources[name], encoder)
