@@ -176,6 +176,20 @@ def wait_for_training_checkpoint(process, out_dir: Path) -> None:
         time.sleep(0.05)
 
 
+def sigterm_one_rank_mid_training(cmd, out_dir: Path, env) -> str:
+    """Starts a 2-rank torchrun, sends SIGTERM to one worker once training is checkpointed; its stderr."""
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training_checkpoint(process, out_dir)
+        ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if ENTRY in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        ranks[-1].send_signal(signal.SIGTERM)
+        return process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.mark.timeout(600)
 def test_one_run_per_folder_and_only_with_its_config(reference, tmp_path):
     # A long iid stream after the class-incremental one keeps the first run busy while the second starts.
@@ -206,16 +220,7 @@ def test_one_run_per_folder_and_only_with_its_config(reference, tmp_path):
 @pytest.mark.timeout(600)
 def test_sigterm_checkpoints_then_resumes_exactly(reference, tmp_path):
     """SIGTERM to one rank: every rank stops after the same step with a checkpoint, exits 75."""
-    process = subprocess.Popen(command("torchrun", tmp_path), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_training_checkpoint(process, tmp_path)
-        ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if ENTRY in " ".join(p.cmdline())]
-        assert len(ranks) == 2
-        ranks[-1].send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stderr = sigterm_one_rank_mid_training(command("torchrun", tmp_path), tmp_path, environment())
     assert stderr.count("checkpoint written: run the same command to resume") == 2, stderr[-4000:]
     assert "exitcode  : 75" in stderr
     # The checkpoint is the one of the step where the ranks stopped.

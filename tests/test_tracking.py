@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from kvb_dist.run import tracking
 from kvb_dist.run.config import load_config
 from kvb_dist.run.phases import evaluate
 
-from test_launcher import ENTRY, LAUNCH_TIMEOUT, REPO, command, environment, wait_for_training_checkpoint
+from test_launcher import LAUNCH_TIMEOUT, REPO, command, environment, sigterm_one_rank_mid_training
 
 # ---------------------------------------------------------------------------------------------
 # Login sources (pure: an environment mapping and files under a temporary home)
@@ -228,16 +226,7 @@ def test_sigterm_then_rerun_logs_to_one_offline_run_whose_stream_steps_continue(
     wandb_args = ("run.tracker=wandb", "run.wandb_mode=offline")
     env = dict(environment(), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp_path / "wandb_data"))
-    process = subprocess.Popen(command("torchrun", tmp_path, *wandb_args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_training_checkpoint(process, tmp_path)
-        ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if ENTRY in " ".join(p.cmdline())]
-        assert len(ranks) == 2
-        ranks[-1].send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stderr = sigterm_one_rank_mid_training(command("torchrun", tmp_path, *wandb_args), tmp_path, env)
     setting, learner, task, step = re.search(r"stopped by signal 15 (\w+)/(\w+) task (\d+) step (\d+)", stderr).groups()
     stopped_at = tracking.stream_step(int(task), int(step), 60)  # SMALL_TOY: train.steps_per_task=60
     rerun = subprocess.run(command("torchrun", tmp_path, *wandb_args), cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)

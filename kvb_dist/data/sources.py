@@ -120,19 +120,23 @@ class PartedSource:
             yield _stack(inputs, labels, keys, self.where(part))
 
 
+def shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one WebDataset shard, in order (this rank chose the shard: no node or worker split)."""
+    import webdataset as wds
+
+    return iter(wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+
+
 def webdataset_source(split: str, pattern: str, image_size: int, image_keys: Sequence[str] = ("jpg", "png"),
                       feature_key: str = "npy", label_key: str = "cls") -> PartedSource:
     """One split given as a WebDataset URL pattern: a part per shard."""
-    import webdataset as wds
-
     urls = expand_pattern(pattern)
     image_keys = [key.lower().lstrip(".") for key in image_keys]
     feature_key, label_key = feature_key.lower().lstrip("."), label_key.lower().lstrip(".")
 
     def samples_of(part: int) -> Iterator[Sample]:
         url = urls[part]
-        # One shard, read as it is: this rank chose it, and its order is the key order.
-        for sample in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+        for sample in shard_samples(url):  # its order is the key order
             fields = {name.lower(): value for name, value in sample.items() if not name.startswith("__")}
             key = sample.get("__key__")
             if label_key not in fields:
@@ -195,12 +199,10 @@ class ArraySource:
 def count_pattern(pattern: str, label_key: str = "cls") -> dict:
     """Samples and labels per shard of a WebDataset pattern, without decoding inputs: what a
     user plans with (`python -m kvb_dist.data index PATTERN`); the freeze phase needs none of it."""
-    import webdataset as wds
-
     shards = []
     for url in expand_pattern(pattern):
         counts: dict = {}
-        for sample in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+        for sample in shard_samples(url):
             label = parse_label(sample[label_key], sample.get("__key__"), url) if label_key in sample else -1
             counts[label] = counts.get(label, 0) + 1
         shards.append({"url": url, "num_samples": sum(counts.values()), "class_counts": dict(sorted(counts.items()))})
