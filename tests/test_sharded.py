@@ -226,7 +226,9 @@ def ddp_and_faults_worker(rank, world_size):
         learner.ctx = SimpleNamespace(layout=frozen.layout, device=torch.device("cpu"))
         learner.bottleneck, learner.splitter = frozen, Chunker(5, 15, 3)
         features = torch.randn(11, 15, generator=torch.Generator().manual_seed(3))  # the same on every rank
-        cache = learner.cache_owned_indices(features)
+        # A rank holds only its contiguous part of the rows' features (load_split), every row's label.
+        first, last = shard_ranges(11, frozen.layout.world_size)[frozen.layout.rank]
+        cache = learner.cache_owned_indices({"features": features[first:last], "rows": (first, last), "labels": torch.zeros(11)})
         start, stop = frozen.layout.codebook_range(5)
         single = KeyValueBottleneck(5, 16, 3, 4, seed=7, topk=2, return_values_only=False).freeze_keys()
         everything = single(features.view(11, 5, 3)).indices[..., 0]  # [N, C, t] from one process
