@@ -1,9 +1,11 @@
-"""kvb_dist's command line.
+"""kvb_dist's command line (installed as `kvb-dist`; `python -m kvb_dist` is the same).
 
-    python -m kvb_dist run --config configs/digits.yaml        the launcher (as launch/run.py)
-    python -m kvb_dist data write-digits shards/digits          shard sets (python -m kvb_dist.data)
-    python -m kvb_dist export CHECKPOINT OUT.pt [--prefix bottleneck.] [--original]
-    python -m kvb_dist import IN.pt CHECKPOINT [--entry bottleneck] [--prefix bottleneck.]
+    kvb-dist run --config digits [section.key=value ...]   the launcher (kvb_dist.run.launcher)
+    kvb-dist --config digits                               the same: without a subcommand, run
+    kvb-dist data write-digits shards/digits               shard sets (python -m kvb_dist.data)
+    kvb-dist export CHECKPOINT OUT.pt [--prefix bottleneck.] [--original]
+    kvb-dist import IN.pt CHECKPOINT [--entry bottleneck] [--prefix bottleneck.]
+    kvb-dist bench NAME [args]                             a benchmark (kvb_dist.bench.NAME)
 
 export turns a sharded checkpoint (a folder, or the record .pt that names one) into one
 state-dict file that `KeyValueBottleneck.load_state_dict` loads (`--original`: exactly the
@@ -60,20 +62,47 @@ def import_(args) -> int:
     return 0
 
 
+def bench_names() -> List[str]:
+    """The benchmark modules of kvb_dist.bench, listed without importing them (they import the bench extra)."""
+    import pkgutil
+
+    import kvb_dist.bench
+
+    return sorted(module.name for module in pkgutil.iter_modules(kvb_dist.bench.__path__))
+
+
+def bench(argv: List[str]) -> int:
+    import importlib
+
+    names = bench_names()
+    parser = argparse.ArgumentParser(
+        prog="kvb-dist bench", description="Runs one benchmark; `kvb-dist bench NAME --help` shows its options.",
+    )
+    parser.add_argument("name", choices=names, help="the benchmark (kvb_dist.bench.NAME)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    args = parser.parse_args(argv[:1])  # only the name: everything after it is the benchmark's
+    result = importlib.import_module(f"kvb_dist.bench.{args.name}").main(argv[1:])
+    return result if isinstance(result, int) else 0  # some benchmarks return their measurements
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
-        from launch.run import main as run_main
+    # No subcommand but launcher arguments (`kvb-dist --config digits`, `kvb-dist train.lr=0.1`): run.
+    if argv and (argv[0] == "run" or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")) or "=" in argv[0]):
+        from kvb_dist.run.launcher import main as run_main
 
-        return run_main(argv[1:])
+        return run_main(argv[1:] if argv[0] == "run" else argv)
     if argv and argv[0] == "data":
         from kvb_dist.data.__main__ import main as data_main
 
         return data_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m kvb_dist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv and argv[0] == "bench":
+        return bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="kvb-dist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="the launcher: python -m kvb_dist run --help")
-    commands.add_parser("data", help="shard sets: python -m kvb_dist data --help")
+    commands.add_parser("run", help="the launcher: kvb-dist run --help")
+    commands.add_parser("data", help="shard sets: kvb-dist data --help")
+    commands.add_parser("bench", help="benchmarks: kvb-dist bench --help")
     out = commands.add_parser("export", help="sharded checkpoint -> one state-dict file")
     out.add_argument("checkpoint", help="a checkpoint folder or the record .pt naming one")
     out.add_argument("out", help="the .pt file to write")

@@ -54,6 +54,9 @@ def test_bad_file(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    bad.write_text("train:\n  steps_per_task: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
 
 
 def test_impossible_layout_without_processes():
@@ -63,7 +66,7 @@ def test_impossible_layout_without_processes():
 
 
 def test_defaults_are_valid_and_are_the_digits_demo():
-    # launch/run.py --help promises that running without --config is the digits demo.
+    # The launcher's --help promises that running without --config is the digits demo.
     assert isinstance(load_config(), Config)
     assert load_config().to_dict() == load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml").to_dict()
 
@@ -154,12 +157,9 @@ def test_shipped_configs_load_on_common_world_sizes(path, world_size):
 
 
 def load_launcher():
-    import importlib.util
+    from kvb_dist.run import launcher
 
-    spec = importlib.util.spec_from_file_location("launch_run", Path(__file__).resolve().parents[1] / "launch" / "run.py")
-    launch_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch_run)
-    return launch_run
+    return launcher
 
 
 def test_print_config_prints_the_resolved_config_as_yaml_that_loads_back(tmp_path, capsys):

@@ -38,3 +38,15 @@ def test_the_top_level_exports_the_distributed_api_and_is_typed():
     assert all(hasattr(kvb_dist, name) for name in kvb_dist.__all__)
     assert (PACKAGE / "py.typed").is_file()
     assert '"kvb_dist" = ["py.typed"]' in (PACKAGE.parent / "pyproject.toml").read_text()  # shipped in the wheel
+
+
+def test_the_installed_packages_are_kvb_dist_and_its_shipped_configs_only():
+    tomllib = __import__("pytest").importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    # Listed by hand (package discovery cannot map configs/ into kvb_dist): a new subpackage must be added.
+    on_disk = {
+        ".".join(path.parent.relative_to(PACKAGE.parent).parts) for path in PACKAGE.rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == on_disk | {"kvb_dist.configs"}
+    assert setuptools["package-dir"] == {"kvb_dist.configs": "configs"}
+    assert not (PACKAGE.parent / "launch" / "__init__.py").exists()  # scripts and launcher configs, not a package

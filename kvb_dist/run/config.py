@@ -31,7 +31,7 @@ class RunSection:
     tracker: str = "wandb"  # wandb | none
     wandb_mode: str = "auto"  # auto (online when logged in, else offline) | offline | online | disabled
     wandb_project: str = "kvb_dist"
-    threads: int = 0  # torch threads per rank; 0 keeps torch's default
+    threads: int = 0  # torch threads per rank; 0: the node's idle CPUs shared by its ranks (launcher)
 
 
 IMAGE_KEYS = ["jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff"]
@@ -408,7 +408,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:  # one line for the launcher, not a parser traceback
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():

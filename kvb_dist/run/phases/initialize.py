@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+
+from tqdm import tqdm
+
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
 from kvb_dist.kmeans import streaming_kmeans
@@ -30,6 +34,11 @@ def init_index(ctx) -> ShardIndex:
         return ShardIndex.load(str(folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")))
 
     return ctx.layout.decided_on_rank0(load)
+
+
+def progress_bar(ctx, total: int, desc: str, unit: str) -> tqdm:
+    """A bar on rank 0 in a terminal only (as training's), so logs and other ranks stay clean."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
 
 
 def run(ctx) -> None:
@@ -62,8 +71,10 @@ def run(ctx) -> None:
         if in_memory:
             passes = list(stream.features_and_ids())  # one pass read, replayed by every iteration
             stream.check_bad_shards(layout.all_reduce_world)
-            result = streaming_kmeans(passes, num_pairs, layout, **kmeans_args)
+            with progress_bar(ctx, config.init.kmeans_iters, "k-means", "iteration") as bar:
+                result = streaming_kmeans(passes, num_pairs, layout, after_pass=bar.update, **kmeans_args)
         else:
+            # No bar: kmeans_from_stream takes after_pass for its bad-shard check (k-means logs each iteration).
             result = kmeans_from_stream(stream, num_pairs, layout, **kmeans_args)
         skipped = max(skipped, stream.check_bad_shards(layout.all_reduce_world).samples)
         result.install_(bottleneck)
@@ -82,16 +93,21 @@ def run(ctx) -> None:
         # epochs reshuffle); both are deterministic for a seed and a world size.
         replay = list(lockstep(stream, layout.all_reduce_world)) if in_memory else None
         step = 0
+        batches_per_epoch = len(replay) if replay is not None else num_batches
+        bar = progress_bar(ctx, config.init.ema_epochs * batches_per_epoch, "EMA key fitting", "batch")
         for epoch in range(config.init.ema_epochs):
             stream.set_epoch(epoch)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.init.ema_epochs}", refresh=False)
             for batch in replay if replay is not None else lockstep(stream, layout.all_reduce_world):
                 bottleneck(to_heads(splitter, batch.x.to(ctx.device)))
                 step += 1
+                bar.update()
             # The bad-shard limit over all ranks (raises on every rank), as k-means applies it.
             skipped = max(skipped, stream.check_bad_shards(layout.all_reduce_world).samples)
             # Each replica group replaces the same pairs: the world sum counts them R times.
             replaced = layout.all_reduce_world(bottleneck.num_replaced_pairs.clone()) // layout.num_replicas
             ctx.tracker.log({"init/ema_epoch": epoch, "init/ema_steps": step, "init/dead_pairs_replaced": int(replaced)})
+        bar.close()
     bottleneck.freeze_keys()
     if skipped:
         logger.warning("initialize: %d samples of unreadable shards were skipped", skipped)
