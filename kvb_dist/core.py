@@ -32,6 +32,7 @@ from kvb_dist.codebook import (
     smoothed_cluster_size,
 )
 from kvb_dist.kmeans import lloyd_
+from kvb_dist.native import native_kernels
 
 INIT_MODES = ("random", "kmeans")
 # The state-dict entries of the original code's KeyValueBottleneck.
@@ -92,7 +93,7 @@ class Lookup(NamedTuple):
     """What a lookup finds for a slice of codebooks; each [c, i, t, ...]."""
 
     indices: torch.Tensor  # [c, i, t] pair index within its codebook
-    counts: torch.Tensor  # [c, i, t] cluster_size_counter of the fetched pair before this step
+    counts: Optional[torch.Tensor]  # [c, i, t] cluster_size_counter of the fetched pair before this step (with_details)
     keys: Optional[torch.Tensor]  # [c, i, t, k] keys before this step's EMA update (with_details)
     scores: Optional[torch.Tensor]  # [c, i, t] -||query - key||^2, differentiable w.r.t. the query
 
@@ -434,10 +435,10 @@ class KeyValueBottleneck(nn.Module):
                 query_ids=torch.arange(num_queries, device=device) + first_query_id,
                 chunk_elements=self.chunk_elements,
             )
-        flat = self._flat_indices(indices)
-        counts = self.cluster_size_counter.reshape(-1)[flat]
-        keys = scores = None
+        keys = scores = counts = None
         if with_details:  # copies taken before the EMA update below changes the keys in place
+            flat = self._flat_indices(indices)
+            counts = self.cluster_size_counter.reshape(-1)[flat]
             keys = self.keys.reshape(-1, self.dim_keys)[flat]
             scores = -(queries_cik[:, :, None, :] - keys).pow(2).sum(-1)
 
@@ -632,8 +633,9 @@ class _FetchRows(torch.autograd.Function):
 
     sparse: the gradient is a hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry
     per fetched row, not coalesced: optimizers coalesce, and a replica sum concatenates before it
-    does. Dense: the rows' gradients added into zeros by index_add_ (in order, deterministic),
-    several times faster on the CPU than F.embedding's backward, which sorts the indices first.
+    does. Dense: the rows' gradients added into zeros in batch order (deterministic; index_add_,
+    on the CPU the native kernel, 2-3x faster: rows.c), several times faster on the CPU than
+    F.embedding's backward, which sorts the indices first.
     """
 
     @staticmethod
@@ -648,7 +650,11 @@ class _FetchRows(torch.autograd.Function):
         num_codebooks, num_pairs, dim = ctx.values_shape
         flat, rows_grad = flat.reshape(-1), grad.reshape(-1, dim)
         if not ctx.sparse:
-            dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
+            native = native_kernels() if rows_grad.device.type == "cpu" and rows_grad.dtype == torch.float32 else None
+            if native is not None:
+                dense = native.dense_rows_grad(flat.contiguous(), rows_grad.contiguous(), num_codebooks * num_pairs)
+            else:
+                dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
             return dense.view(ctx.values_shape), None, None
         rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
         return torch.sparse_coo_tensor(rows, rows_grad, ctx.values_shape, check_invariants=False), None, None

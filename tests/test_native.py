@@ -97,6 +97,7 @@ def test_fused_lookup_equals_gemm_and_float64_brute_force(num_pairs, dim, topk, 
     else:
         queries = integer_data((num_codebooks, num_queries, dim), generator)
     queries[:, :5] = keys[:, 3:8]  # queries on a key, one on the duplicated pair
+    queries[:, 20:25] = keys[:, 3:8]  # the same in the second block of a two-block pass
     expected, distances = brute_force_topk(queries, keys, topk)
     indices, scores = codebook.nearest_keys(queries, keys, topk=topk)
     assert torch.equal(indices, expected)
@@ -151,6 +152,27 @@ def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
     if threshold > 0:  # the same query drawn for every replaced pair: the same key exactly
         replaced_pairs = native_state[2] == threshold
         assert torch.equal(native_state[0][replaced_pairs], torch_state[0][replaced_pairs])
+
+
+@needs_kernels
+def test_the_dense_value_gradient_is_index_adds_bit_for_bit(monkeypatch):
+    from kvb_dist import core
+
+    generator = torch.Generator().manual_seed(3)
+    bottleneck = core.KeyValueBottleneck(3, 40, 4, 5, seed=0).freeze_keys()
+    heads = torch.randn(64, 3, 4, generator=generator)
+    heads[32:] = heads[:32]  # every fetched row twice: additions in batch order decide the bits
+    weights = torch.randn(64, 3, 1, 5, generator=generator)  # values [b, c, t, v]
+    grads = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(core, "native_kernels", lambda: None)
+        (values,) = bottleneck(heads)
+        (values * weights).sum().backward()
+        grads.append(bottleneck.values.grad)
+        bottleneck.values.grad = None
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0 and (grads[0] == 0).any()  # fetched rows only
 
 
 @needs_kernels

@@ -1,5 +1,6 @@
 """The native CPU kernels, compiled on first use: fused nearest keys for k-means and the bottleneck's
-lookup (fused_nearest.c), and the bottleneck's EMA step with dead-pair replacement (ema_step.c).
+lookup (fused_nearest.c), the bottleneck's EMA step with dead-pair replacement (ema_step.c), and
+the dense gradient of its values (rows.c).
 
 Plain C files built with the machine's C compiler (`$CC`, split like a shell word, so
 `CC="ccache gcc"` works; else `cc`) with -march=native, because it runs where it was built. The
@@ -31,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("fused_nearest.c"), Path(__file__).with_name("ema_step.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("fused_nearest.c", "ema_step.c", "rows.c"))
 _lock = threading.Lock()
 _loaded: dict = {}  # "kernels": NativeKernels or None, once tried
 
@@ -151,6 +152,10 @@ class NativeKernels:
         self._ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, int64, int64, int64,
                               pointer, int64, int64, f32, f32, f32, f32, int64, int64]
         self._ema.restype = int64
+        self._zero_fresh = library.kvb_zero_fresh
+        self._zero_fresh.argtypes = [pointer, int64, int64]
+        self._add_rows = library.kvb_add_rows
+        self._add_rows.argtypes = [pointer, int64, pointer, pointer, int64]
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = os.getpid()
 
@@ -254,6 +259,18 @@ class NativeKernels:
         if min(replaced) < 0:
             raise MemoryError("kvb_ema_step: out of memory")
         return sum(replaced)
+
+
+    def dense_rows_grad(self, indices_n, rows_grad_nv, num_rows: int) -> torch.Tensor:
+        """zeros [num_rows, v] with rows_grad_nv[r] added at row indices_n[r], in order r = 0, 1, ...:
+        index_add_'s result bit for bit, in a fresh tensor (see rows.c)."""
+        num_values = rows_grad_nv.shape[-1]
+        _address(indices_n, torch.int64, (rows_grad_nv.shape[0],))
+        _address(rows_grad_nv, torch.float32, rows_grad_nv.shape)
+        dense = torch.empty(num_rows, num_values)
+        self._zero_fresh(dense.data_ptr(), num_rows, num_values)
+        self._add_rows(dense.data_ptr(), num_values, indices_n.data_ptr(), rows_grad_nv.data_ptr(), indices_n.shape[0])
+        return dense
 
 
 def build() -> NativeKernels:

@@ -46,8 +46,8 @@ int64_t kvb_ema_step(float *keys, float *keys_avg, float *cluster_size, int64_t 
                      int64_t query_codebook_stride, const int64_t *indices, int64_t index_stride,
                      int64_t index_codebook_stride, float decay, float keep, float eps, float threshold,
                      int64_t replace_seed, int64_t first_codebook) {
-    /* One codebook's statistics, dense ([pairs] counts, [pairs, dim] sums; later the per-pair
-     * 1 / smoothed size), so that the passes over its state are plain loops over contiguous floats. */
+    /* One codebook's statistics, dense ([pairs] counts, [pairs, dim] sums), so that the pass over
+     * its state is a plain loop over contiguous floats. */
     float *count = malloc(sizeof(float) * (size_t)num_pairs);
     float *sum = malloc(sizeof(float) * (size_t)(num_pairs * dim));
     if (count == NULL || sum == NULL) {
@@ -71,22 +71,26 @@ int64_t kvb_ema_step(float *keys, float *keys_avg, float *cluster_size, int64_t 
             size[j] = size[j] * decay + keep * count[j];
             total += size[j];
         }
-        for (int64_t e = 0; e < width; e++) avg[e] = avg[e] * decay + keep * sum[e];
         const float norm = (float)(total / (total + num_pairs * (double)eps));
+        /* One pass over the pairs for the rest: each pair's keys_avg and key are read and written
+         * once (the state is larger than the caches; these passes are bound by memory traffic). */
         for (int64_t j = 0; j < num_pairs; j++) {
+            float *pair_avg = avg + j * dim, *pair_key = key + j * dim;
+            if (threshold > 0.0f && size[j] < threshold) {
+                uint64_t wanted = (pair_hash((uint64_t)replace_seed, (uint64_t)(first_codebook + c), (uint64_t)j) >> 1) %
+                                  (uint64_t)num_queries;
+                const float *query = queries + (int64_t)wanted * query_stride + c * query_codebook_stride;
+                for (int64_t d = 0; d < dim; d++) pair_key[d] = query[d], pair_avg[d] = query[d] * threshold;
+                size[j] = threshold;
+                replaced++;
+                continue;
+            }
             const float inverse = 1.0f / ((size[j] + eps) * norm);
-            for (int64_t d = 0; d < dim; d++) sum[j * dim + d] = inverse;
-        }
-        for (int64_t e = 0; e < width; e++) key[e] = avg[e] * sum[e];
-        if (threshold <= 0.0f) continue;
-        for (int64_t j = 0; j < num_pairs; j++) {
-            if (!(size[j] < threshold)) continue;
-            uint64_t wanted =
-                (pair_hash((uint64_t)replace_seed, (uint64_t)(first_codebook + c), (uint64_t)j) >> 1) % (uint64_t)num_queries;
-            const float *query = queries + (int64_t)wanted * query_stride + c * query_codebook_stride;
-            for (int64_t d = 0; d < dim; d++) key[j * dim + d] = query[d], avg[j * dim + d] = query[d] * threshold;
-            size[j] = threshold;
-            replaced++;
+            const float *pair_sum = sum + j * dim;
+            for (int64_t d = 0; d < dim; d++) {
+                pair_avg[d] = pair_avg[d] * decay + keep * pair_sum[d];
+                pair_key[d] = pair_avg[d] * inverse;
+            }
         }
     }
     free(count), free(sum);
