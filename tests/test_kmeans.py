@@ -488,3 +488,11 @@ def check_sampling_memory(results, world_size):
     for r in results:
         start, stop = r["probe"][1]["range"]
         assert torch.equal(r["probe"][1]["first_rows"], first[:, start:stop].transpose(0, 1))
+
+
+def test_streamed_kmeans_calls_after_pass_once_per_pass(tmp_path):
+    # The launcher's progress bar over a data set too large to hold: one update per Lloyd pass.
+    write_kmeans_shards(str(tmp_path))
+    passes = []
+    result = run_kmeans(str(tmp_path), None, 0, 1, batch_size=50, num_iters=3, after_pass=lambda: passes.append(1))
+    assert len(passes) == len(result.sse_history) == 3

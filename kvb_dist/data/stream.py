@@ -664,8 +664,9 @@ class FeaturesAndIds:
             yield batch.x, batch.ids
 
 
-def kmeans_from_stream(stream: ShardStream, num_pairs: int, layout=None, **kmeans_args):
-    """streaming_kmeans over the stream's shards, with the all-rank bad-shard check after each pass.
+def kmeans_from_stream(stream: ShardStream, num_pairs: int, layout=None, after_pass=None, **kmeans_args):
+    """streaming_kmeans over the stream's shards, with the all-rank bad-shard check after each pass
+    (then after_pass(), if given: e.g. a progress bar).
 
     The stream must not be resampled (a Lloyd pass is an epoch over this rank's shards).
     """
@@ -682,5 +683,9 @@ def kmeans_from_stream(stream: ShardStream, num_pairs: int, layout=None, **kmean
     if layout is not None:
         device = torch.device(kmeans_args.get("device") or "cpu")
         reduce_sum = lambda t: layout.all_reduce_world(t.to(device)).cpu()  # noqa: E731
-    check = partial(stream.check_bad_shards, reduce_sum or (lambda t: t))
+    def check() -> None:
+        stream.check_bad_shards(reduce_sum or (lambda t: t))
+        if after_pass is not None:
+            after_pass()
+
     return streaming_kmeans(stream.features_and_ids(), num_pairs, layout, after_pass=check, **kmeans_args)

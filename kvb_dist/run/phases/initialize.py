@@ -68,14 +68,13 @@ def run(ctx) -> None:
             to_heads=lambda x: to_heads(splitter, x),
         )
         num_pairs = config.bottleneck.key_value_pairs_per_codebook
-        if in_memory:
-            passes = list(stream.features_and_ids())  # one pass read, replayed by every iteration
-            stream.check_bad_shards(layout.all_reduce_world)
-            with progress_bar(ctx, config.init.kmeans_iters, "k-means", "iteration") as bar:
+        with progress_bar(ctx, config.init.kmeans_iters, "k-means", "iteration") as bar:
+            if in_memory:
+                passes = list(stream.features_and_ids())  # one pass read, replayed by every iteration
+                stream.check_bad_shards(layout.all_reduce_world)
                 result = streaming_kmeans(passes, num_pairs, layout, after_pass=bar.update, **kmeans_args)
-        else:
-            # No bar: kmeans_from_stream takes after_pass for its bad-shard check (k-means logs each iteration).
-            result = kmeans_from_stream(stream, num_pairs, layout, **kmeans_args)
+            else:
+                result = kmeans_from_stream(stream, num_pairs, layout, after_pass=bar.update, **kmeans_args)
         skipped = max(skipped, stream.check_bad_shards(layout.all_reduce_world).samples)
         result.install_(bottleneck)
         sse = [float(v) for v in result.sse_history]
