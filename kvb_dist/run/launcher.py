@@ -48,7 +48,7 @@ import torch
 
 import kvb_dist
 from kvb_dist.run.config import load_config
-from kvb_dist.run.folder import RunFolder
+from kvb_dist.run.folder import RunFolder, RunFolderError
 from kvb_dist.run.phases import PHASES, RunContext, run_phases
 from kvb_dist.run.stop import EXIT_PREEMPTED, Preempted, StopRequest
 
@@ -190,7 +190,8 @@ def init_process_group_per_attempt(timeout: timedelta, backend: Optional[str]) -
 
 
 def config_error(problem: BaseException, debug: bool, is_main: bool) -> int:
-    """One line on the main process (every rank finds the same error), or the traceback with --debug."""
+    """A config or run-folder error, which every rank finds alike: one line on the main process
+    and exit status 2, or the traceback with --debug."""
     if debug:
         raise problem
     if is_main:
@@ -258,7 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             config.run_dir, layout.world_size, layout.num_replicas, layout.num_shards, accelerator.device,
             torch.get_num_threads(),
         )
-        folder = RunFolder.claim(config, layout, redo=args.redo)
+        try:
+            folder = RunFolder.claim(config, layout, redo=args.redo)
+        except RunFolderError as problem:  # in use, or made with another config: raised on every rank
+            return config_error(problem, args.debug, is_main=accelerator.is_main_process)
         tracker = Tracker(accelerator, config, config.run_dir)
         ctx = RunContext(
             config=config, layout=layout, tracker=tracker, device=accelerator.device, stop=stop,
