@@ -267,7 +267,8 @@ class BottleneckLearner:
         cache[rows] = indices.to(cache.dtype)
         return cache.to(self.ctx.device)
 
-    def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
+    def train_logits(self, batch_rows: torch.Tensor) -> torch.Tensor:
+        rows = this_ranks_part(batch_rows, self.ctx.layout)
         values = self.bottleneck.values_at_rows(self.owned_indices, rows)  # [b, C, t, v]
         return values.mean(dim=(1, 2))
 
@@ -287,9 +288,9 @@ class BottleneckLearner:
 class DenseLearner:
     """Linear probe or MLP on the embeddings, replicated, gradients averaged over ranks.
 
-    A rank holds the features of its contiguous part of the rows only; a step assembles the
-    global batch's features from their holders (one all-gather of row ids, one all-reduce of
-    batch x d floats, each row given by exactly one rank: the sum is exact)."""
+    A rank holds the features of its contiguous part of the rows only; a step assembles its slice
+    of the global batch's features from their holders (every rank draws the same global batch:
+    one all-reduce of batch x d floats, each row given by exactly one rank, so the sum is exact)."""
 
     sharded = False
 
@@ -307,19 +308,17 @@ class DenseLearner:
     def parameters(self):
         return list(self.model.parameters())
 
-    def train_logits(self, rows):
-        return self.model(self.features_of(rows).to(self.ctx.device))
+    def train_logits(self, batch_rows: torch.Tensor) -> torch.Tensor:
+        return self.model(self.features_of(batch_rows).to(self.ctx.device))
 
-    def features_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """Features of this rank's slice of the global batch (rows: global row ids)."""
+    def features_of(self, batch_rows: torch.Tensor) -> torch.Tensor:
+        """Features of this rank's slice of the global batch (batch_rows: its row ids, rank slices in order)."""
         layout, features = self.ctx.layout, self.train["features"]
         start, stop = self.train["rows"]
-        batch_rows = layout.all_gather_world(rows).flatten()  # the global batch, in rank order
         held = (batch_rows >= start) & (batch_rows < stop)
         batch = torch.zeros(len(batch_rows), features.shape[1], dtype=features.dtype)
         batch[held] = features[batch_rows[held] - start]
-        layout.all_reduce_world(batch)
-        return batch[layout.rank * len(rows) : (layout.rank + 1) * len(rows)]
+        return this_ranks_part(layout.all_reduce_world(batch), layout)
 
     def eval_logits(self, features):
         return self.model(features.to(self.ctx.device))
@@ -386,16 +385,26 @@ def clip_gradients_(learner, max_norm: float, layout) -> float:
     return norm
 
 
-def train_step(ctx, learner, optimizer, rows, labels) -> torch.Tensor:
+def this_ranks_part(global_batch: torch.Tensor, layout) -> torch.Tensor:
+    """This rank's slice of a global batch (rows; the batch size is a multiple of the world size)."""
+    local = len(global_batch) // layout.world_size
+    return global_batch[layout.rank * local : (layout.rank + 1) * local]
+
+
+def train_step(ctx, learner, optimizer, batch_rows, labels) -> torch.Tensor:
+    """One step on the global batch batch_rows (the same on every rank); labels [N] of all rows."""
     config, layout = ctx.config, ctx.layout
     optimizer.zero_grad(set_to_none=True)
-    logits = learner.train_logits(rows)
-    loss = F.cross_entropy(logits, labels.to(logits.device), label_smoothing=config.train.label_smoothing)
+    logits = learner.train_logits(batch_rows)
+    mine = labels[this_ranks_part(batch_rows, layout)]
+    loss = F.cross_entropy(logits, mine.to(logits.device), label_smoothing=config.train.label_smoothing)
     loss.backward()
-    if not learner.sharded:  # replicated parameters: average the gradients (the mean over the global batch)
-        for p in learner.parameters():
-            if p.grad is not None:
-                layout.all_reduce_world(p.grad).div_(layout.world_size)
+    grads = [p.grad for p in learner.parameters() if p.grad is not None]
+    if not learner.sharded and layout.world_size > 1 and grads:
+        # Replicated parameters: the mean over the global batch, in one all-reduce for all of them.
+        flat = layout.all_reduce_world(torch.cat([g.reshape(-1) for g in grads])).div_(layout.world_size)
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
     if config.train.grad_clip > 0:
         clip_gradients_(learner, config.train.grad_clip, layout)
     optimizer.step()
@@ -458,7 +467,6 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
     steps_per_task = config.train.steps_per_task if setting == "class_incremental" else config.train.iid_steps
     if config.train.batch_size % layout.world_size:
         raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the world size {layout.world_size}")
-    local = config.train.batch_size // layout.world_size
 
     learner = build_learner(ctx, learner_name, init_checkpoints, train)
     optimizer = make_optimizer(config, learner)
@@ -486,9 +494,8 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
         progress = tqdm(total=steps_per_task, initial=step, desc=f"{prefix} task {t}", disable=quiet, leave=False)
         started, started_step = time.perf_counter(), step
         while step < steps_per_task:
-            rows = global_batch(pool, config.train.batch_size, config.run.seed, stream_tag, t, step)
-            rows = rows[layout.rank * local : (layout.rank + 1) * local]
-            loss = train_step(ctx, learner, optimizer, rows, train["labels"][rows])
+            batch_rows = global_batch(pool, config.train.batch_size, config.run.seed, stream_tag, t, step)
+            loss = train_step(ctx, learner, optimizer, batch_rows, train["labels"])
             step += 1
             progress.update(1)
             if step % 10 == 0 or step == steps_per_task:
