@@ -84,10 +84,19 @@ static inline int any_less(vfloat a, vfloat b) {
 #endif
 }
 
-/* The best key of every query in a block: best[lane] (half score) and best_index[lane].
- * A step's keys are first reduced to their lane-wise minimum (7 min, 1 compare): after the first
- * keys a step rarely improves any lane, and only then are the indices updated key by key (in key
- * order, so ties still go to the smaller index). */
+/* keep_better for a full step of keys j .. j + KEYS_PER_STEP - 1. Their scores are first reduced
+ * to their lane-wise minimum (7 min, 1 compare): after the first keys a step rarely improves any
+ * lane, and only then are the indices updated key by key (in key order, so ties still go to the
+ * smaller index). */
+_Static_assert(KEYS_PER_STEP == 8, "keep_better_of_step reduces 8 scores");
+static inline void keep_better_of_step(const vfloat *score, int64_t j, vfloat *best, vint *best_index) {
+    vfloat low = lane_min(lane_min(lane_min(score[0], score[1]), lane_min(score[2], score[3])),
+                          lane_min(lane_min(score[4], score[5]), lane_min(score[6], score[7])));
+    if (!any_less(low, *best)) return;
+    for (int u = 0; u < KEYS_PER_STEP; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
+}
+
+/* The best key of every query in a block: best[lane] (half score) and best_index[lane]. */
 static void nearest_in_block(const float *block_t, int64_t dim, const float *w, const float *half_sq,
                              int64_t num_keys, vfloat *best, vint *best_index) {
     *best = (vfloat){} + INFINITY;
@@ -97,9 +106,8 @@ static void nearest_in_block(const float *block_t, int64_t dim, const float *w, 
         int count = num_keys - j < KEYS_PER_STEP ? (int)(num_keys - j) : KEYS_PER_STEP;
         score_keys(block_t, dim, w, half_sq, j, count, score);
         if (count == KEYS_PER_STEP) {
-            vfloat low = lane_min(lane_min(lane_min(score[0], score[1]), lane_min(score[2], score[3])),
-                                  lane_min(lane_min(score[4], score[5]), lane_min(score[6], score[7])));
-            if (!any_less(low, *best)) continue;
+            keep_better_of_step(score, j, best, best_index);
+            continue;
         }
         for (int u = 0; u < count; u++) keep_better(score[u], (int32_t)(j + u), best, best_index);
     }
@@ -125,14 +133,8 @@ static void nearest_in_two_blocks(const float *block_t, int64_t dim, const float
                 b[u] -= w[(j + u) * dim + d] * qb;
             }
         }
-        vfloat low_a = lane_min(lane_min(lane_min(a[0], a[1]), lane_min(a[2], a[3])),
-                                lane_min(lane_min(a[4], a[5]), lane_min(a[6], a[7])));
-        vfloat low_b = lane_min(lane_min(lane_min(b[0], b[1]), lane_min(b[2], b[3])),
-                                lane_min(lane_min(b[4], b[5]), lane_min(b[6], b[7])));
-        if (any_less(low_a, best[0]))
-            for (int u = 0; u < KEYS_PER_STEP; u++) keep_better(a[u], (int32_t)(j + u), &best[0], &best_index[0]);
-        if (any_less(low_b, best[1]))
-            for (int u = 0; u < KEYS_PER_STEP; u++) keep_better(b[u], (int32_t)(j + u), &best[1], &best_index[1]);
+        keep_better_of_step(a, j, &best[0], &best_index[0]);
+        keep_better_of_step(b, j, &best[1], &best_index[1]);
     }
     if (full < num_keys) {
         vfloat score[KEYS_PER_STEP];
