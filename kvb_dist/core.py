@@ -633,9 +633,9 @@ class _FetchRows(torch.autograd.Function):
 
     sparse: the gradient is a hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry
     per fetched row, not coalesced: optimizers coalesce, and a replica sum concatenates before it
-    does. Dense: the rows' gradients added into zeros in batch order (deterministic; index_add_,
-    on the CPU the native kernel, 2-3x faster: rows.c), several times faster on the CPU than
-    F.embedding's backward, which sorts the indices first.
+    does. Dense: the rows' gradients added into zeros in batch order (deterministic), on the CPU
+    by the native kernel (rows.c, 2-3x faster than index_add_), elsewhere by index_add_; both are
+    several times faster than F.embedding's backward, which sorts the indices first.
     """
 
     @staticmethod

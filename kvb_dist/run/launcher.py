@@ -23,8 +23,9 @@ torch's rendezvous):
         --machine_rank $NODE_RANK --main_process_ip $HEAD launch/run.py --config cifar10_dino
 
 Overrides follow the config: `train.lr=0.1 run.name=try2`. `--phases train evaluate` runs only
-those phases; `--print-config` prints the resolved config as YAML and exits. A config error is
-one line and exit status 2 (`--debug`: the traceback). Running the same command again after a
+those phases; `--print-config` prints the resolved config as YAML and exits. A config error
+(or a run folder in use, or made with another config) is one line and exit status 2 (`--debug`:
+the traceback). Running the same command again after a
 crash resumes from the run folder; a SIGTERM (a scheduler's preemption) checkpoints after the
 current step and exits with code 75. One run at a time uses a run folder, and only with the
 config it was made with: changes that alter results are refused unless `--redo PHASE` redoes
