@@ -91,15 +91,19 @@ int64_t kvb_ema_step(float *keys, float *keys_avg, float *cluster_size, int64_t 
          * Both streams in one loop over the pairs ran 5x slower where the two tensors lie a
          * multiple of 256 MiB apart (measured here). */
         for (int64_t e = 0; e < width; e++) avg[e] = avg[e] * decay + keep * sum[e];
-        for (int64_t j = 0; j < num_pairs; j++)
-            if (wanted[j] >= 0)
-                for (int64_t d = 0; d < dim; d++) avg[j * dim + d] = codebook_queries[wanted[j] * query_stride + d] * threshold;
+        for (int64_t j = 0; j < num_pairs; j++) {
+            if (wanted[j] < 0) continue;
+            const float *query = codebook_queries + wanted[j] * query_stride;
+            for (int64_t d = 0; d < dim; d++) avg[j * dim + d] = query[d] * threshold;
+        }
         for (int64_t j = 0; j < num_pairs; j++)
             for (int64_t d = 0; d < dim; d++) sum[j * dim + d] = count[j]; /* 1 / smoothed size, per element */
         for (int64_t e = 0; e < width; e++) key[e] = avg[e] * sum[e];
-        for (int64_t j = 0; j < num_pairs; j++)
-            if (wanted[j] >= 0)
-                memcpy(key + j * dim, codebook_queries + wanted[j] * query_stride, sizeof(float) * (size_t)dim);
+        for (int64_t j = 0; j < num_pairs; j++) {
+            if (wanted[j] < 0) continue;
+            const float *query = codebook_queries + wanted[j] * query_stride;
+            for (int64_t d = 0; d < dim; d++) key[j * dim + d] = query[d];
+        }
     }
     free(count), free(sum), free(wanted);
     return replaced;
