@@ -3,10 +3,12 @@ checkpoints are built, so that a later phase rebuilds exactly what an earlier on
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import sys
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from kvb_dist.distributed.sharded import ShardedKeyValueBottleneck
 from kvb_dist.run.checkpoint import CheckpointSeries
@@ -116,3 +118,9 @@ def _frozen(network: nn.Module) -> nn.Module:
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     return network
+
+
+def progress_bar(ctx, desc: str, total: Optional[int] = None, unit: str = "it", initial: int = 0) -> tqdm:
+    """A bar on rank 0 in a terminal only, so logs (and CI) and the other ranks stay clean."""
+    disable = not (ctx.is_main and sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=False)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
-from tqdm import tqdm
 
 from kvb_dist.data.shards import INDEX_NAME, image_folder_samples, index_part_name, merge_index_parts, write_embeddings
 from kvb_dist.data.sources import ArraySource, image_files_source, webdataset_source
-from kvb_dist.run.builders import build_encoder, embeddings_dir
+from kvb_dist.run.builders import build_encoder, embeddings_dir, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +141,7 @@ def embed_split(ctx, name: str, source, encoder) -> None:
     layout.barrier()
     parts = source.parts(layout.rank, layout.world_size)
     # A bar for people at a terminal (the sample count: a WebDataset split is counted as it is read).
-    bar = tqdm(desc=f"freeze: embedding {name}", unit=" samples", disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
+    bar = progress_bar(ctx, f"freeze: embedding {name}", unit=" samples")
 
     def embed_parts() -> None:
         for part in parts:

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-
-from tqdm import tqdm
-
 from kvb_dist.data.shards import INDEX_NAME, ShardIndex
 from kvb_dist.data.stream import ShardStream, agreed_num_batches, kmeans_from_stream, lockstep
 from kvb_dist.kmeans import streaming_kmeans
-from kvb_dist.run.builders import build_bottleneck, build_splitter, embeddings_dir, init_checkpoints, init_tensors, to_heads
+from kvb_dist.run.builders import build_bottleneck, build_splitter, embeddings_dir, init_checkpoints, init_tensors, progress_bar, to_heads
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +30,6 @@ def init_index(ctx) -> ShardIndex:
         return ShardIndex.load(str(folder if (folder / INDEX_NAME).is_file() else embeddings_dir(ctx, "train")))
 
     return ctx.layout.decided_on_rank0(load)
-
-
-def progress_bar(ctx, total: int, desc: str, unit: str) -> tqdm:
-    """A bar on rank 0 in a terminal only (as training's), so logs and other ranks stay clean."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
 
 
 def run(ctx) -> None:
@@ -68,7 +59,7 @@ def run(ctx) -> None:
             to_heads=lambda x: to_heads(splitter, x),
         )
         num_pairs = config.bottleneck.key_value_pairs_per_codebook
-        with progress_bar(ctx, config.init.kmeans_iters, "k-means", "iteration") as bar:
+        with progress_bar(ctx, "k-means", config.init.kmeans_iters, "iteration") as bar:
             if in_memory:
                 passes = list(stream.features_and_ids())  # one pass read, replayed by every iteration
                 stream.check_bad_shards(layout.all_reduce_world)
@@ -93,7 +84,7 @@ def run(ctx) -> None:
         replay = list(lockstep(stream, layout.all_reduce_world)) if in_memory else None
         step = 0
         batches_per_epoch = len(replay) if replay is not None else num_batches
-        bar = progress_bar(ctx, config.init.ema_epochs * batches_per_epoch, "EMA key fitting", "batch")
+        bar = progress_bar(ctx, "EMA key fitting", config.init.ema_epochs * batches_per_epoch, "batch")
         for epoch in range(config.init.ema_epochs):
             stream.set_epoch(epoch)
             bar.set_postfix_str(f"epoch {epoch + 1}/{config.init.ema_epochs}", refresh=False)

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Sequence
 
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from kvb_dist.codebook import counter_randint
 from kvb_dist.data.shards import ShardIndex
@@ -490,8 +488,7 @@ def run_stream(ctx, setting: str, learner_name: str, init_checkpoints, train, te
         t, classes = plan[task_index]
         pool = rows_of(train["labels"], classes)
         # A bar for people at a terminal; logs (and CI) get one line per task instead.
-        quiet = not (ctx.is_main and sys.stderr.isatty())
-        progress = tqdm(total=steps_per_task, initial=step, desc=f"{prefix} task {t}", disable=quiet, leave=False)
+        progress = builders.progress_bar(ctx, f"{prefix} task {t}", steps_per_task, initial=step)
         started, started_step = time.perf_counter(), step
         while step < steps_per_task:
             batch_rows = global_batch(pool, config.train.batch_size, config.run.seed, stream_tag, t, step)
