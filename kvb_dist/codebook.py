@@ -337,6 +337,40 @@ def ema_step_(
     return dead_cj.sum()
 
 
+def nearest_keys_and_ema_step_(
+    queries_cik: torch.Tensor,
+    keys_cjk: torch.Tensor,
+    keys_avg_cjk: torch.Tensor,
+    cluster_size_cj: torch.Tensor,
+    decay: float,
+    eps: float,
+    threshold: float,
+    replace_seed: torch.Tensor,
+    first_codebook: int,
+):
+    """nearest_keys (top-1) and then ema_step_ with the pairs found, where queries_cik [c, i, k] are
+    the whole global batch of these codebooks: (indices [c, i, 1], pairs replaced), the results of
+    the two calls bit for bit.
+
+    On the CPU the native kernel does both codebook by codebook: the EMA then writes keys that the
+    lookup has just brought into the cache, instead of a second stream over all of them.
+    """
+    native = _native_for(queries_cik, keys_cjk)
+    if native is not None and all(t.is_contiguous() for t in (keys_cjk, keys_avg_cjk, cluster_size_cj)):
+        queries = queries_cik if queries_cik.stride(-1) == 1 else queries_cik.contiguous()
+        indices, _, replaced = native.lookup_and_ema_step_(
+            queries, keys_cjk, keys_avg_cjk, cluster_size_cj, decay, eps, threshold, int(replace_seed),
+            first_codebook, threads=torch.get_num_threads(),
+        )
+        return indices, torch.tensor(replaced)
+    indices, _ = nearest_keys(queries_cik, keys_cjk)
+    replaced = ema_step_(
+        keys_cjk, keys_avg_cjk, cluster_size_cj, queries_cik.transpose(0, 1), indices[..., 0].transpose(0, 1),
+        decay, eps, threshold, replace_seed, first_codebook,
+    )
+    return indices, replaced
+
+
 def rows_by_query_id(
     queries_cik: torch.Tensor, first_query_id: int, codebook_index_n: torch.Tensor, query_id_n: torch.Tensor
 ) -> torch.Tensor:

@@ -27,6 +27,7 @@ from kvb_dist.codebook import (
     counter_randint,
     ema_step_,
     nearest_keys,
+    nearest_keys_and_ema_step_,
     no_reduce,
     rows_by_query_id,
     smoothed_cluster_size,
@@ -422,6 +423,17 @@ class KeyValueBottleneck(nn.Module):
             self._kmeans_init_(detached, first_query_id, num_global_queries, reduce_sum)
 
         excluded = None if self.count_cluster_size else self.cluster_size_counter == 0
+        replace_seed = counter_hash(seed, torch.tensor(_TAG_REPLACE), step) if learning else None
+        if (learning and num_global_queries > 0 and self._is_only_holder() and not with_details
+                and self.sample_codebook_temperature == 0 and excluded is None):
+            # Nothing to gather, nothing to copy before the keys change: lookup and EMA step together.
+            indices, replaced = nearest_keys_and_ema_step_(
+                detached, self.keys, self.keys_avg, self.cluster_size, self.decay, self.eps,
+                self.threshold_ema_dead_code, replace_seed, self.first_codebook,
+            )
+            self.num_replaced_pairs += replaced.to(self.num_replaced_pairs.device)
+            self.random_state[1] += 1
+            return Lookup(indices, None, None, None)
         # The search needs no graph; distances of the fetched keys are recomputed below.
         with torch.no_grad():
             indices, _ = nearest_keys(
@@ -450,9 +462,7 @@ class KeyValueBottleneck(nn.Module):
                 )
                 self.num_replaced_pairs += ema_step_(
                     self.keys, self.keys_avg, self.cluster_size, batch_ick, indices_ic, self.decay, self.eps,
-                    self.threshold_ema_dead_code,
-                    replace_seed=counter_hash(seed, torch.tensor(_TAG_REPLACE), step),
-                    first_codebook=self.first_codebook,
+                    self.threshold_ema_dead_code, replace_seed, first_codebook=self.first_codebook,
                 ).to(self.num_replaced_pairs.device)
         elif self.count_cluster_size:
             self._count_usage_(indices)
@@ -472,6 +482,10 @@ class KeyValueBottleneck(nn.Module):
         """One more use for every pair [c, i, t] fetched by any holder; touches those pairs only."""
         (flat,) = self._gathered_over_holders(self._flat_indices(indices_cit).reshape(-1))
         self.cluster_size_counter.view(-1).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+    def _is_only_holder(self) -> bool:
+        """Whether no other process holds these codebooks (their queries here are the whole batch)."""
+        return True
 
     def _gathered_over_holders(self, *rows: torch.Tensor):
         """Row tensors of every holder of these codebooks, concatenated in batch order (here the only holder).

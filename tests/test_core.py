@@ -125,6 +125,22 @@ def test_dead_pairs_are_replaced_by_batch_heads_with_their_state_reset():
     torch.testing.assert_close(derived[replaced], module.keys[replaced], rtol=1e-3, atol=1e-3)
 
 
+def test_the_combined_lookup_and_ema_step_learns_what_the_separate_calls_learn():
+    # return_values_only=False copies the fetched keys before the EMA step changes them, so that
+    # module takes the separate lookup and EMA calls; the other one does both per codebook.
+    combined, separate = (
+        KeyValueBottleneck(3, 40, 5, 4, threshold_ema_dead_code=0.3, decay=0.9, seed=2, return_values_only=only)
+        for only in (True, False)
+    )
+    for step in range(3):
+        x = heads(24, 3, 5, seed=step)
+        (values,) = combined(x)
+        assert torch.equal(values, separate(x).values)
+    for name in ("keys", "keys_avg", "cluster_size", "num_replaced_pairs", "random_state"):
+        assert torch.equal(getattr(combined, name), getattr(separate, name)), name
+    assert int(combined.num_replaced_pairs) > 0
+
+
 def test_kmeans_init_sets_consistent_ema_state():
     data = torch.cat([torch.randn(50, 1, 2) * 0.1 + torch.tensor([5.0, 5.0]), torch.randn(50, 1, 2) * 0.1 - 5.0])
     module = KeyValueBottleneck(1, 2, 2, 3, init_mode="kmeans", kmeans_iters=5, decay=0.99)

@@ -128,10 +128,10 @@ def random_codebook_state(generator, num_codebooks=3, num_pairs=50, dim=6):
 
 
 @needs_kernels
-@pytest.mark.parametrize("threshold", [0.0, 0.15])
-def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
+@pytest.mark.parametrize("threshold,num_queries", [(0.0, 80), (0.15, 80), (0.15, 64)])  # 64: the power-of-two draw
+def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold, num_queries):
     generator = torch.Generator().manual_seed(1)
-    num_codebooks, num_pairs, dim, num_queries = 3, 50, 6, 80
+    num_codebooks, num_pairs, dim = 3, 50, 6
     # The global batch as the module passes it: [i, c, k] strided views.
     queries = torch.randn(num_codebooks, num_queries, 2 * dim, generator=generator)[:, :, :dim].transpose(0, 1)
     indices = torch.randint(0, num_pairs, (num_codebooks, num_queries), generator=generator).transpose(0, 1)
@@ -152,6 +152,40 @@ def test_native_ema_step_equals_the_torch_one(monkeypatch, threshold):
     if threshold > 0:  # the same query drawn for every replaced pair: the same key exactly
         replaced_pairs = native_state[2] == threshold
         assert torch.equal(native_state[0][replaced_pairs], torch_state[0][replaced_pairs])
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "num_pairs,dim,num_queries",
+    [(50, 6, 80), (37, 1, 45), (200, 14, 64), (33, 16, 100), (64, 17, 33), (300, 33, 20)],  # 100 > 33 pairs
+)
+def test_fused_lookup_and_ema_step_is_the_two_calls_bit_for_bit(monkeypatch, num_pairs, dim, num_queries):
+    generator = torch.Generator().manual_seed(num_pairs + dim)
+    num_codebooks = 5
+    queries = torch.randn(num_queries, num_codebooks, 2 * dim, generator=generator)[:, :, :dim].transpose(0, 1)
+    queries[:, 1] = queries[:, 0]  # a pair chosen twice: its sum adds queries in batch order
+    state = random_codebook_state(torch.Generator().manual_seed(3), num_codebooks, num_pairs, dim)
+    fused, separate = (tuple(t.clone() for t in state) for _ in range(2))
+    for step in range(3):  # later steps start from replaced pairs (cluster_size = threshold)
+        seed = torch.tensor(50 + step)
+        indices, replaced = codebook.nearest_keys_and_ema_step_(queries, *fused, 0.9, 1e-5, 0.15, seed, 7)
+        expected, _ = codebook.nearest_keys(queries, separate[0])
+        expected_replaced = codebook.ema_step_(
+            *separate, queries.transpose(0, 1), expected[..., 0].transpose(0, 1), 0.9, 1e-5, 0.15, seed, first_codebook=7
+        )
+        assert torch.equal(indices, expected) and int(replaced) == int(expected_replaced) > 0
+        for ours, theirs in zip(fused, separate):
+            assert torch.equal(ours, theirs)
+    # Without the kernels: the torch path, the same within rounding.
+    monkeypatch.setattr(codebook, "native_kernels", lambda: None)
+    in_torch = tuple(t.clone() for t in state)
+    _, replaced_in_torch = codebook.nearest_keys_and_ema_step_(queries, *in_torch, 0.9, 1e-5, 0.15, torch.tensor(50), 7)
+    again = tuple(t.clone() for t in state)
+    monkeypatch.undo()
+    _, replaced_natively = codebook.nearest_keys_and_ema_step_(queries, *again, 0.9, 1e-5, 0.15, torch.tensor(50), 7)
+    assert int(replaced_in_torch) == int(replaced_natively)
+    for ours, theirs in zip(again, in_torch):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernels

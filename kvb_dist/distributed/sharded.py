@@ -217,6 +217,9 @@ class ShardedKeyValueBottleneck(KeyValueBottleneck):
             self._count_usage_(indices)
         return self._values_to_requesters(indices, peer_sizes).movedim(0, 1)  # [C, b, t, v] -> [b, C, t, v]
 
+    def _is_only_holder(self) -> bool:
+        return self.layout.num_replicas == 1
+
     def _gathered_over_holders(self, *rows: torch.Tensor):
         # Replicas hold the same codebooks: gather the rows (O(batch x C) of them), never [C, J] tensors.
         return self.layout.gather_rows(*rows, over="replica")[0]

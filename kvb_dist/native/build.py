@@ -1,6 +1,6 @@
 """The native CPU kernels, compiled on first use: fused nearest keys for k-means and the bottleneck's
-lookup (fused_nearest.c), the bottleneck's EMA step with dead-pair replacement (ema_step.c), and
-the dense gradient of its values (rows.c).
+lookup (fused_nearest.c), the bottleneck's EMA step with dead-pair replacement, alone or right
+after each codebook's lookup (ema_step.c), and the dense gradient of its values (rows.c).
 
 Plain C files built with the machine's C compiler (`$CC`, split like a shell word, so
 `CC="ccache gcc"` works; else `cc`) with -march=native, because it runs where it was built. The
@@ -152,6 +152,10 @@ class NativeKernels:
         self._ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, int64, int64, int64,
                               pointer, int64, int64, f32, f32, f32, f32, int64, int64]
         self._ema.restype = int64
+        self._lookup_ema = library.kvb_lookup_ema_step
+        self._lookup_ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, int64, int64, int64,
+                                     pointer, pointer, f32, f32, f32, f32, int64, int64]
+        self._lookup_ema.restype = int64
         self._zero_fresh = library.kvb_zero_fresh
         self._zero_fresh.argtypes = [pointer, int64, int64]
         self._add_rows = library.kvb_add_rows
@@ -230,6 +234,19 @@ class NativeKernels:
             raise MemoryError("kvb_nearest_keys: out of memory")
         return index, distance
 
+    @staticmethod
+    def _check_ema_state(keys_cjk, keys_avg_cjk, cluster_size_cj) -> None:
+        num_codebooks, num_pairs, dim = keys_cjk.shape
+        for state in (keys_cjk, keys_avg_cjk):
+            _address(state, torch.float32, (num_codebooks, num_pairs, dim))
+        _address(cluster_size_cj, torch.float32, (num_codebooks, num_pairs))
+
+    def _replaced(self, calls: List[Callable[[], int]], threads: int, kernel: str) -> int:
+        replaced = self._parallel(calls, threads)
+        if min(replaced) < 0:
+            raise MemoryError(f"{kernel}: out of memory")
+        return sum(replaced)
+
     def ema_step_(self, keys_cjk, keys_avg_cjk, cluster_size_cj, queries_ick, indices_ic, decay: float, eps: float,
                   threshold: float, replace_seed: int, first_codebook: int, threads: int = 1) -> int:
         """The EMA step of codebooks [c] in place (see ema_step.c) from the global batch's queries
@@ -238,9 +255,7 @@ class NativeKernels:
         num_codebooks, num_pairs, dim = keys_cjk.shape
         if num_codebooks == 0:
             return 0
-        for state in (keys_cjk, keys_avg_cjk):
-            _address(state, torch.float32, (num_codebooks, num_pairs, dim))
-        _address(cluster_size_cj, torch.float32, (num_codebooks, num_pairs))
+        self._check_ema_state(keys_cjk, keys_avg_cjk, cluster_size_cj)
         num_queries = queries_ick.shape[0]
         assert queries_ick.dtype == torch.float32 and (queries_ick.stride(2) == 1 or dim == 1)
         assert tuple(queries_ick.shape) == (num_queries, num_codebooks, dim), tuple(queries_ick.shape)
@@ -255,11 +270,32 @@ class NativeKernels:
             )
 
         ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
-        replaced = self._parallel([part(*r) for r in ranges], threads)
-        if min(replaced) < 0:
-            raise MemoryError("kvb_ema_step: out of memory")
-        return sum(replaced)
+        return self._replaced([part(*r) for r in ranges], threads, "kvb_ema_step")
 
+    def lookup_and_ema_step_(self, queries_cik, keys_cjk, keys_avg_cjk, cluster_size_cj, decay: float, eps: float,
+                             threshold: float, replace_seed: int, first_codebook: int, threads: int = 1):
+        """nearest_keys (top-1) and then ema_step_ with the pairs found, codebook by codebook, where
+        queries [c, i, k] (last dim contiguous) are the whole global batch: (index [c, i, 1],
+        squared distance [c, i, 1], pairs replaced), the results of the two calls bit for bit."""
+        num_codebooks, num_queries, dim = queries_cik.shape
+        num_pairs = keys_cjk.shape[1]
+        assert queries_cik.dtype == torch.float32 and (queries_cik.stride(2) == 1 or dim == 1)
+        self._check_ema_state(keys_cjk, keys_avg_cjk, cluster_size_cj)
+        index = torch.empty(num_codebooks, num_queries, 1, dtype=torch.int64)
+        distance = torch.empty(num_codebooks, num_queries, 1)
+        if num_codebooks == 0 or num_queries == 0:
+            return index, distance, 0
+
+        def part(c0: int, c1: int) -> Callable[[], int]:
+            return lambda: self._lookup_ema(
+                keys_cjk[c0].data_ptr(), keys_avg_cjk[c0].data_ptr(), cluster_size_cj[c0].data_ptr(), c1 - c0,
+                num_pairs, dim, queries_cik[c0:].data_ptr(), num_queries, queries_cik.stride(1),
+                queries_cik.stride(0), index[c0].data_ptr(), distance[c0].data_ptr(),
+                decay, 1.0 - decay, eps, threshold, replace_seed, first_codebook + c0,
+            )
+
+        ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
+        return index, distance, self._replaced([part(*r) for r in ranges], threads, "kvb_lookup_ema_step")
 
     def dense_rows_grad(self, indices_n, rows_grad_nv, num_rows: int) -> torch.Tensor:
         """zeros [num_rows, v] with rows_grad_nv[r] added at row indices_n[r], in order r = 0, 1, ...:
