@@ -298,7 +298,7 @@ def ema_step_(
     queries_ick [i, c, k]: the global batch's heads for these codebooks, indices_ic [i, c]: the
     pair each chose. ema_update_ with their counts and sums (a pair's queries added in batch
     order: any split of the batch, gathered in order, gives the same keys bit for bit), then
-    dead-pair replacement: every pair with cluster_size < threshold (if threshold > 0) takes the
+    dead-pair replacement: every pair with cluster_size < threshold (if threshold > 0 and the batch is not empty) takes the
     head of query `counter_randint(replace_seed, i, codebook id, pair)` and restarts as if
     `threshold` queries equal to its new key had chosen it (keys_avg = key x threshold), so the
     next EMA step does not pull it back.
@@ -324,7 +324,7 @@ def ema_step_(
         num_codebooks, num_pairs,
     )
     ema_update_(keys_cjk, keys_avg_cjk, cluster_size_cj, counts, sums, decay, eps)
-    if threshold <= 0:
+    if threshold <= 0 or num_queries == 0:  # no heads to take: dead pairs stay
         return torch.zeros((), dtype=torch.int64, device=keys_cjk.device)
     dead_cj = cluster_size_cj < threshold
     wanted_cj = counter_randint(

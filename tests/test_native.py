@@ -189,6 +189,23 @@ def test_fused_lookup_and_ema_step_is_the_two_calls_bit_for_bit(monkeypatch, num
 
 
 @needs_kernels
+def test_an_empty_batch_decays_the_state_and_replaces_nothing(monkeypatch):
+    queries, indices = torch.empty(0, 3, 6), torch.empty(0, 3, dtype=torch.int64)
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(codebook, "native_kernels", lambda: None)
+        state = tuple(t.clone() for t in random_codebook_state(torch.Generator().manual_seed(2)))
+        replaced = codebook.ema_step_(*state, queries, indices, 0.9, 1e-5, 0.15, torch.tensor(1), first_codebook=0)
+        results.append((state, int(replaced)))
+    (native_state, native_replaced), (torch_state, torch_replaced) = results
+    assert native_replaced == torch_replaced == 0
+    torch.testing.assert_close(native_state[2], random_codebook_state(torch.Generator().manual_seed(2))[2] * 0.9)
+    for ours, theirs in zip(native_state, torch_state):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
 def test_the_dense_value_gradient_is_index_adds_bit_for_bit(monkeypatch):
     from kvb_dist import core
 

@@ -114,7 +114,7 @@ static int64_t ema_codebook(float *key, float *avg, float *size, int64_t num_pai
     for (int64_t j = 0; j < num_pairs; j++) {
         wanted[j] = -1;
         count[j] = 1.0f / ((size[j] + eps) * norm);
-        if (threshold > 0.0f && size[j] < threshold) {
+        if (threshold > 0.0f && num_queries > 0 && size[j] < threshold) { /* no heads: nothing to take */
             const uint64_t draw = pair_hash(hash_of_codebook, (uint64_t)j) >> 1;
             wanted[j] = (int64_t)(power_of_two ? draw & (uint64_t)(num_queries - 1) : draw % (uint64_t)num_queries);
             size[j] = threshold;
