@@ -66,6 +66,9 @@ typedef struct {
     int64_t *slot, *pair, *wanted;
 } workspace;
 
+static void workspace_free(workspace *w) { free(w->count), free(w->sum), free(w->slot), free(w->pair), free(w->wanted); }
+
+/* 0 when out of memory (nothing left allocated). */
 static int workspace_alloc(workspace *w, int64_t num_pairs, int64_t dim, int64_t num_queries) {
     const int64_t rows = num_queries < num_pairs ? num_queries : num_pairs;
     w->count = malloc(sizeof(float) * (size_t)num_pairs);
@@ -73,12 +76,13 @@ static int workspace_alloc(workspace *w, int64_t num_pairs, int64_t dim, int64_t
     w->slot = malloc(sizeof(int64_t) * (size_t)num_pairs);
     w->pair = malloc(sizeof(int64_t) * (size_t)(rows + 1));
     w->wanted = malloc(sizeof(int64_t) * (size_t)num_pairs);
-    if (w->count == NULL || w->sum == NULL || w->slot == NULL || w->pair == NULL || w->wanted == NULL) return 0;
+    if (w->count == NULL || w->sum == NULL || w->slot == NULL || w->pair == NULL || w->wanted == NULL) {
+        workspace_free(w);
+        return 0;
+    }
     for (int64_t j = 0; j < num_pairs; j++) w->slot[j] = -1;
     return 1;
 }
-
-static void workspace_free(workspace *w) { free(w->count), free(w->sum), free(w->slot), free(w->pair), free(w->wanted); }
 
 /* The EMA step of one codebook (global id codebook_id): state key, avg [num_pairs, dim] and size
  * [num_pairs]; query i at queries + i * query_stride, the pair it chose at indices[i * index_stride].
@@ -165,10 +169,7 @@ int64_t kvb_ema_step(float *keys, float *keys_avg, float *cluster_size, int64_t 
                      int64_t index_codebook_stride, float decay, float keep, float eps, float threshold,
                      int64_t replace_seed, int64_t first_codebook) {
     workspace w;
-    if (!workspace_alloc(&w, num_pairs, dim, num_queries)) {
-        workspace_free(&w);
-        return -1;
-    }
+    if (!workspace_alloc(&w, num_pairs, dim, num_queries)) return -1;
     const int64_t width = num_pairs * dim;
     int64_t replaced = 0;
     for (int64_t c = 0; c < num_codebooks; c++)
@@ -195,15 +196,11 @@ int64_t kvb_lookup_ema_step(float *keys, float *keys_avg, float *cluster_size, i
                             float decay, float keep, float eps, float threshold, int64_t replace_seed,
                             int64_t first_codebook) {
     workspace w;
-    if (!workspace_alloc(&w, num_pairs, dim, num_queries)) {
-        workspace_free(&w);
-        return -1;
-    }
+    if (!workspace_alloc(&w, num_pairs, dim, num_queries)) return -1;
     const int64_t width = num_pairs * dim;
     int64_t replaced = 0;
     for (int64_t c = 0; c < num_codebooks; c++) {
         const float *codebook_queries = queries + c * query_codebook_stride;
-        for (int64_t e = 0; e < width; e += 16) __builtin_prefetch(keys_avg + c * width + e, 1, 3);
         if (kvb_nearest_keys(codebook_queries, 1, num_queries, dim, query_codebook_stride, query_stride,
                              keys + c * width, NULL, num_pairs, 1, index + c * num_queries,
                              distance + c * num_queries) != 0) {
