@@ -127,7 +127,7 @@ def _address(tensor, dtype, shape) -> Optional[int]:
 
 # Codebook ranges per thread in the codebook-parallel kernels: small enough to even out threads
 # that run at different speeds (the last range taken keeps the others waiting: with 8 per thread the
-# caller waited about 3 ms of a 70 ms EMA step at the paper size, 0.5 ms with 32), large enough that a call's
+# caller waited about 3 ms of a 70 ms EMA step at the paper size, 0.4-0.5 ms with 32), large enough that a call's
 # overhead (about 10 us) stays negligible.
 PARTS_PER_THREAD = 32
 
