@@ -12,7 +12,10 @@ j key-value pairs per codebook, k key dim, v value dim, t pairs fetched per quer
 from __future__ import annotations
 
 import math
+import mmap
 import numbers
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, NamedTuple, Optional, Sequence
 
@@ -211,6 +214,7 @@ class KeyValueBottleneck(nn.Module):
         self.topk = topk
         self.chunk_elements = chunk_elements
         self.sparse_values = bool(sparse_values)
+        self._gradient_memory = _ReusedZeros()
         self.update_keys = True
         self.count_cluster_size = True
         if seed is None:  # drawn from torch's generator, so torch.manual_seed still governs init
@@ -368,7 +372,7 @@ class KeyValueBottleneck(nn.Module):
         With sparse_values the gradient of `values` is a sparse COO tensor holding only these
         rows, for torch.optim.SGD, SparseAdam and Adagrad, which then touch nothing else.
         """
-        return _FetchRows.apply(self.values, flat_indices, self.sparse_values)
+        return _FetchRows.apply(self.values, flat_indices, self.sparse_values, self._gradient_memory)
 
     def indices_problem(self, indices) -> Optional[str]:
         """Why indices is not valid input for values_at, or None."""
@@ -648,14 +652,15 @@ class _FetchRows(torch.autograd.Function):
     sparse: the gradient is a hybrid COO tensor [c, j, v] (2 sparse dims, v dense) with one entry
     per fetched row, not coalesced: optimizers coalesce, and a replica sum concatenates before it
     does. Dense: the rows' gradients added into zeros in batch order (deterministic), on the CPU
-    by the native kernel (rows.c, 2-3x faster than index_add_), elsewhere by index_add_; both are
-    several times faster than F.embedding's backward, which sorts the indices first.
+    into memory reused from step to step (_ReusedZeros) by the native kernel (rows.c, 2-3x faster
+    than index_add_), elsewhere by index_add_; both are several times faster than F.embedding's
+    backward, which sorts the indices first.
     """
 
     @staticmethod
-    def forward(ctx, values_cjv: torch.Tensor, flat_indices: torch.Tensor, sparse: bool) -> torch.Tensor:
+    def forward(ctx, values_cjv: torch.Tensor, flat_indices: torch.Tensor, sparse: bool, memory: "_ReusedZeros"):
         ctx.save_for_backward(flat_indices)
-        ctx.values_shape, ctx.sparse = values_cjv.shape, sparse
+        ctx.values_shape, ctx.sparse, ctx.memory = values_cjv.shape, sparse, memory
         return F.embedding(flat_indices, values_cjv.reshape(-1, values_cjv.shape[-1]))
 
     @staticmethod
@@ -663,15 +668,54 @@ class _FetchRows(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         num_codebooks, num_pairs, dim = ctx.values_shape
         flat, rows_grad = flat.reshape(-1), grad.reshape(-1, dim)
-        if not ctx.sparse:
-            native = native_kernels() if rows_grad.device.type == "cpu" and rows_grad.dtype == torch.float32 else None
-            if native is not None:
-                dense = native.dense_rows_grad(flat.contiguous(), rows_grad.contiguous(), num_codebooks * num_pairs)
-            else:
-                dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
-            return dense.view(ctx.values_shape), None, None
-        rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
-        return torch.sparse_coo_tensor(rows, rows_grad, ctx.values_shape, check_invariants=False), None, None
+        if ctx.sparse:
+            rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
+            return torch.sparse_coo_tensor(rows, rows_grad, ctx.values_shape, check_invariants=False), None, None, None
+        if rows_grad.device.type != "cpu":
+            dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
+            return dense.view(ctx.values_shape), None, None, None
+        dense = ctx.memory.zeros((num_codebooks * num_pairs, dim), rows_grad.dtype)
+        native = native_kernels() if rows_grad.dtype == torch.float32 else None
+        if native is not None:
+            native.add_rows_(dense, flat.contiguous(), rows_grad.contiguous())
+        else:
+            dense.index_add_(0, flat, rows_grad)
+        return dense.view(ctx.values_shape), None, None, None
+
+
+class _ReusedZeros:
+    """Zeroed CPU tensors in memory kept from one call to the next: the dense value gradient's.
+
+    A fresh tensor of the gradient's size (42 MB at the paper's size) is new memory from the kernel
+    every step, zeroed page by page on first touch: 7-10 ms per step here, where a memset of memory
+    already mapped takes 1.5 ms. So the memory is an anonymous map that tensors borrow through
+    torch.frombuffer, each borrowing storage holding one reference to the map: when only this
+    object refers to it, no tensor can see it any more, and it is zeroed and lent again. While a
+    gradient lives it is that gradient's own memory (autograd keeps it as `.grad` without a copy);
+    a gradient still held when the next one is asked for gets a fresh map, as before. Between steps
+    the map stays: one gradient's size, no more at the peak.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # two threads must not both see the map free
+        self._map: Optional[mmap.mmap] = None
+
+    def __reduce__(self):  # a copied or pickled module starts without memory of its own
+        return type(self), ()
+
+    def zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        num_bytes = math.prod(shape) * dtype.itemsize
+        if num_bytes == 0:  # a rank may hold no codebooks; a map cannot be empty
+            return torch.zeros(shape, dtype=dtype)
+        with self._lock:
+            # References while free: self._map and getrefcount's argument.
+            free = self._map is not None and len(self._map) == num_bytes and sys.getrefcount(self._map) == 2
+            if not free:
+                self._map = mmap.mmap(-1, num_bytes)  # anonymous memory comes zeroed
+                if hasattr(mmap, "MADV_HUGEPAGE"):  # one page fault per 2 MiB, not per 4 KiB, where allowed
+                    self._map.madvise(mmap.MADV_HUGEPAGE)
+            out = torch.frombuffer(self._map, dtype=dtype).view(*shape)
+        return out.zero_() if free else out
 
 
 def autocast_off(x) -> torch.autocast:

@@ -178,6 +178,55 @@ def test_gradients_reach_only_fetched_values():
     assert torch.equal(module.values.grad.abs().sum(-1) > 0, fetched)
 
 
+def test_the_dense_value_gradient_reuses_its_memory_only_once_no_tensor_holds_it():
+    import copy
+    import io
+
+    module = KeyValueBottleneck(3, 40, 2, 5, seed=0).freeze_keys()
+    batch, weights = heads(16, 3, 2), torch.randn(16, 3, 1, 5)
+
+    def gradient():
+        (values,) = module(batch)
+        (values * weights).sum().backward()
+        grad, module.values.grad = module.values.grad, None
+        return grad
+
+    first = gradient()
+    expected = first.clone()
+    module.return_values_only = False
+    flat = module(batch).indices.flatten(2) + torch.arange(3).view(1, 3, 1) * 40  # [b, c, t] rows of the [c * j] table
+    module.return_values_only = True
+    reference = torch.zeros(3 * 40, 5).index_add_(0, flat.flatten(), weights.reshape(-1, 5)).view(3, 40, 5)
+    torch.testing.assert_close(expected, reference)
+    second = gradient()  # `first` is still held: fresh memory, `first` untouched
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, expected) and torch.equal(second, expected)
+    row_view = second[1]  # a view keeps the memory lent as well
+    del first, second
+    third = gradient()
+    assert torch.equal(row_view, expected[1]) and third.data_ptr() != row_view.data_ptr()
+    address = third.data_ptr()
+    del third, row_view
+    fourth = gradient()  # nothing holds the memory any more: the same memory, zeroed again
+    assert fourth.data_ptr() == address and torch.equal(fourth, expected)
+    assert module._gradient_memory.zeros((0, 5), torch.float32).shape == (0, 5)  # a rank holding no codebooks
+
+    del fourth
+    (values,) = module(batch)
+    (values * weights).sum().backward()
+    (values,) = module(batch)
+    (values * weights).sum().backward()  # accumulated into the gradient autograd already holds
+    assert torch.equal(module.values.grad, expected + expected)
+
+    buffer = io.BytesIO()  # a module whose memory is lent still copies and pickles
+    torch.save(module, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(module), torch.load(buffer, weights_only=False)):
+        other.values.grad = None
+        (values,) = other(batch)
+        (values * weights).sum().backward()
+        assert torch.equal(other.values.grad, expected)
+
+
 def test_heads_that_require_grad_leave_the_key_state_out_of_the_graph():
     module = KeyValueBottleneck(2, 8, 3, 4, init_mode="kmeans", threshold_ema_dead_code=0.5, return_values_only=False)
     x = heads(6, 2, 3).requires_grad_()

@@ -158,8 +158,6 @@ class NativeKernels:
         self._lookup_ema.argtypes = [pointer, pointer, pointer, int64, int64, int64, pointer, int64, int64, int64,
                                      pointer, pointer, f32, f32, f32, f32, int64, int64]
         self._lookup_ema.restype = int64
-        self._zero_fresh = library.kvb_zero_fresh
-        self._zero_fresh.argtypes = [pointer, int64, int64]
         self._add_rows = library.kvb_add_rows
         self._add_rows.argtypes = [pointer, int64, pointer, pointer, int64]
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -299,16 +297,14 @@ class NativeKernels:
         ranges = _codebook_ranges(num_codebooks, PARTS_PER_THREAD * threads)
         return index, distance, self._replaced([part(*r) for r in ranges], threads, "kvb_lookup_ema_step")
 
-    def dense_rows_grad(self, indices_n, rows_grad_nv, num_rows: int) -> torch.Tensor:
-        """zeros [num_rows, v] with rows_grad_nv[r] added at row indices_n[r], in order r = 0, 1, ...:
-        index_add_'s result bit for bit, in a fresh tensor (see rows.c)."""
-        num_values = rows_grad_nv.shape[-1]
-        _address(indices_n, torch.int64, (rows_grad_nv.shape[0],))
-        _address(rows_grad_nv, torch.float32, rows_grad_nv.shape)
-        dense = torch.empty(num_rows, num_values)
-        self._zero_fresh(dense.data_ptr(), num_rows, num_values)
-        self._add_rows(dense.data_ptr(), num_values, indices_n.data_ptr(), rows_grad_nv.data_ptr(), indices_n.shape[0])
-        return dense
+    def add_rows_(self, out_nv, indices_n, rows_nv) -> torch.Tensor:
+        """out_nv[indices_n[r]] += rows_nv[r] in order r = 0, 1, ...: index_add_'s result bit for bit
+        (see rows.c)."""
+        _address(out_nv, torch.float32, (out_nv.shape[0], rows_nv.shape[-1]))
+        _address(indices_n, torch.int64, (rows_nv.shape[0],))
+        _address(rows_nv, torch.float32, rows_nv.shape)
+        self._add_rows(out_nv.data_ptr(), out_nv.shape[1], indices_n.data_ptr(), rows_nv.data_ptr(), indices_n.shape[0])
+        return out_nv
 
 
 def build() -> NativeKernels:
