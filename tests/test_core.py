@@ -194,16 +194,16 @@ def test_the_dense_value_gradient_reuses_its_memory_only_once_no_tensor_holds_it
     first = gradient()
     expected = first.clone()
     module.return_values_only = False
-    flat = module(batch).indices.flatten(2) + torch.arange(3).view(1, 3, 1) * 40  # [b, c, t] rows of the [c * j] table
+    flat = module(batch).indices.flatten(2) + torch.arange(3).view(1, 3, 1) * 40  # rows of the [c * j] table
     module.return_values_only = True
     reference = torch.zeros(3 * 40, 5).index_add_(0, flat.flatten(), weights.reshape(-1, 5)).view(3, 40, 5)
     torch.testing.assert_close(expected, reference)
     second = gradient()  # `first` is still held: fresh memory, `first` untouched
     assert second.data_ptr() != first.data_ptr() and torch.equal(first, expected) and torch.equal(second, expected)
-    row_view = second[1]  # a view keeps the memory lent as well
+    row_view, second_address = second[1], second.data_ptr()  # a view keeps the memory lent as well
     del first, second
     third = gradient()
-    assert torch.equal(row_view, expected[1]) and third.data_ptr() != row_view.data_ptr()
+    assert torch.equal(row_view, expected[1]) and third.data_ptr() != second_address
     address = third.data_ptr()
     del third, row_view
     fourth = gradient()  # nothing holds the memory any more: the same memory, zeroed again
