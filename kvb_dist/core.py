@@ -671,11 +671,12 @@ class _FetchRows(torch.autograd.Function):
         if ctx.sparse:
             rows = torch.stack([torch.div(flat, num_pairs, rounding_mode="floor"), flat % num_pairs])
             return torch.sparse_coo_tensor(rows, rows_grad, ctx.values_shape, check_invariants=False), None, None, None
-        if rows_grad.device.type != "cpu":
-            dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim).index_add_(0, flat, rows_grad)
-            return dense.view(ctx.values_shape), None, None, None
-        dense = ctx.memory.zeros((num_codebooks * num_pairs, dim), rows_grad.dtype)
-        native = native_kernels() if rows_grad.dtype == torch.float32 else None
+        on_cpu = rows_grad.device.type == "cpu"
+        if on_cpu:
+            dense = ctx.memory.zeros((num_codebooks * num_pairs, dim), rows_grad.dtype)
+        else:
+            dense = rows_grad.new_zeros(num_codebooks * num_pairs, dim)
+        native = native_kernels() if on_cpu and rows_grad.dtype == torch.float32 else None
         if native is not None:
             native.add_rows_(dense, flat.contiguous(), rows_grad.contiguous())
         else:
